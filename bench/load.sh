@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Load, side by side in one run on loopback: the same requests direct to the upstream, through
+# nginx `proxy_pass` (the reference cost of one HTTP hop) and through preagg-proxy (release), at
+# the same concurrencies, with wrk. Prints a markdown report on stdout (progress on stderr):
+#
+#     bench/load.sh | tee bench/results/load-$(date +%F).md
+#
+# 1. Static upstream (nginx answering `1\n` with ClickHouse's headers, fast enough not to hide the
+#    hop), a non-experiment SELECT (bench/queries/passthrough.sql): direct, nginx, preagg-proxy
+#    `--mode off` (pure pass-through) and preagg-proxy `--mode rewrite` (the default: the query is
+#    read, the prefilter dismisses it: `passthrough reason=not_experiment_query`).
+# 2. The chdb-backed ClickHouse with generated PostHog data, the experiment query of
+#    scripts/demo/experiment.sql: direct and through nginx (the original query), through
+#    preagg-proxy warm (every answer counted as rewritten by its X-Preagg header).
+#
+# Installs nginx and wrk (apt) when missing, builds the proxy, starts everything on free ports,
+# stops everything at the end. Environment:
+#   BENCH_SECONDS (15)            measured seconds per static cell (after BENCH_WARMUP, 2, unmeasured)
+#   BENCH_CONNECTIONS ("1 16 64") concurrencies of the static section
+#   BENCH_CH_SECONDS (30)         measured seconds per chdb cell
+#   BENCH_CH_CONNECTIONS ("1 16 64")
+#   BENCH_EVENTS (1000000)        generated events (kept in .work/bench-data and reused)
+#   BENCH_WRK_THREADS (1)         wrk threads (the machine running everything has few cores)
+#   BENCH_SECTIONS ("static clickhouse")
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+seconds=${BENCH_SECONDS:-15}
+warmup=${BENCH_WARMUP:-2}
+connections=${BENCH_CONNECTIONS:-1 16 64}
+ch_seconds=${BENCH_CH_SECONDS:-30}
+ch_connections=${BENCH_CH_CONNECTIONS:-1 16 64}
+events=${BENCH_EVENTS:-1000000}
+sections=${BENCH_SECTIONS:-static clickhouse}
+
+work="$repo/.work/bench-load"
+rm -rf "$work" && mkdir -p "$work"
+results="$work/results.tsv"
+: >"$results"
+
+prerequisites
+quiet_machine
+
+passthrough_query="$bench/queries/passthrough.sql"
+experiment_query="$repo/scripts/demo/experiment.sql"
+
+# Ports.
+static_port=$(free_port)
+hop_static_port=$(free_port)
+hop_clickhouse_port=$(free_port)
+proxy_off_port=$(free_port)
+proxy_rewrite_port=$(free_port)
+proxy_clickhouse_port=$(free_port)
+
+CLICKHOUSE_PORT=$(free_port) # replaced by the real one when the chdb section runs
+if [[ " $sections " == *" clickhouse "* ]]; then
+    say "Starting the chdb-backed ClickHouse ($events events)"
+    start_clickhouse "$events"
+fi
+
+say "Starting the static upstream, the nginx hop and preagg-proxy"
+start_static "$static_port"
+start_hop "$hop_static_port" "$hop_clickhouse_port" "$static_port" "$CLICKHOUSE_PORT"
+start_proxy off "$proxy_off_port" "http://127.0.0.1:$static_port" off
+start_proxy rewrite "$proxy_rewrite_port" "http://127.0.0.1:$static_port" rewrite
+
+# preagg_header URL FILE: the X-Preagg header of one answer.
+preagg_header() {
+    curl -sS -o /dev/null -D - --data-binary @"$2" "$1/" | tr -d '\r' | sed -n 's/^x-preagg: //Ip'
+}
+
+# cell SECTION QUERY PATH CONNECTIONS URL BODY SECONDS TIMEOUT COUNT: one measured wrk run.
+cell() {
+    local line
+    say "$1 / $3 / $4 connections (${7}s)"
+    line=$(run_wrk "$4" "$7" "$5" "$6" "$8" "$9")
+    echo "$line" >&2
+    printf '%s\t%s\t%s\t%s\t%s busy_before=%s\n' "$1" "$2" "$3" "$4" "${line#RESULT }" "$BUSY" >>"$results"
+}
+
+if [[ " $sections " == *" static "* ]]; then
+    say "Checking the static paths"
+    [ "$(curl -sS --data-binary @"$passthrough_query" "http://127.0.0.1:$static_port/")" = 1 ] || die "static upstream"
+    [ "$(preagg_header "http://127.0.0.1:$proxy_off_port" "$passthrough_query")" = "passthrough reason=mode_off" ] ||
+        die "preagg-proxy --mode off does not answer with mode_off"
+    [ "$(preagg_header "http://127.0.0.1:$proxy_rewrite_port" "$passthrough_query")" = \
+        "passthrough reason=not_experiment_query" ] || die "preagg-proxy --mode rewrite: unexpected X-Preagg"
+    declare -A static_urls=(
+        [direct]="http://127.0.0.1:$static_port"
+        [nginx]="http://127.0.0.1:$hop_static_port"
+        ["preagg-proxy --mode off"]="http://127.0.0.1:$proxy_off_port"
+        ["preagg-proxy --mode rewrite"]="http://127.0.0.1:$proxy_rewrite_port"
+    )
+    for c in $connections; do
+        for path in direct nginx "preagg-proxy --mode off" "preagg-proxy --mode rewrite"; do
+            quiet_machine
+            run_wrk "$c" "$warmup" "${static_urls[$path]}/" "$passthrough_query" 10s >/dev/null
+            cell static "pass-through SELECT" "$path" "$c" "${static_urls[$path]}/" "$passthrough_query" \
+                "$seconds" 10s 0
+        done
+    done
+fi
+
+if [[ " $sections " == *" clickhouse "* ]]; then
+    start_proxy clickhouse "$proxy_clickhouse_port" "http://127.0.0.1:$CLICKHOUSE_PORT" rewrite
+    say "Warming the experiment query through preagg-proxy (background builds)"
+    for i in $(seq 1 600); do
+        [[ "$(preagg_header "http://127.0.0.1:$proxy_clickhouse_port" "$experiment_query")" == rewritten* ]] && break
+        sleep 0.5
+    done
+    header=$(preagg_header "http://127.0.0.1:$proxy_clickhouse_port" "$experiment_query")
+    [[ "$header" == rewritten* ]] || die "the experiment query is not rewritten: $header"
+    curl -sS --data-binary @"$experiment_query" "http://127.0.0.1:$CLICKHOUSE_PORT/" >"$work/answer-direct"
+    curl -sS --data-binary @"$experiment_query" "http://127.0.0.1:$hop_clickhouse_port/" >"$work/answer-nginx"
+    curl -sS --data-binary @"$experiment_query" "http://127.0.0.1:$proxy_clickhouse_port/" >"$work/answer-proxy"
+    cmp -s "$work/answer-direct" "$work/answer-nginx" || die "nginx answers differently"
+    cmp -s "$work/answer-direct" "$work/answer-proxy" || die "the rewritten answer differs from the direct one"
+    declare -A ch_urls=(
+        [direct]="http://127.0.0.1:$CLICKHOUSE_PORT"
+        [nginx]="http://127.0.0.1:$hop_clickhouse_port"
+        ["preagg-proxy (rewritten)"]="http://127.0.0.1:$proxy_clickhouse_port"
+    )
+    for c in $ch_connections; do
+        for path in direct nginx "preagg-proxy (rewritten)"; do
+            quiet_machine
+            cell clickhouse "experiment query" "$path" "$c" "${ch_urls[$path]}/" "$experiment_query" \
+                "$ch_seconds" 300s 1
+        done
+    done
+fi
+
+{
+    echo "# Load: direct vs nginx vs preagg-proxy ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+    echo
+    machine_facts
+    echo "- wrk $WRK_THREADS thread(s), load generator, upstreams and hops on the same machine (loopback)"
+    echo "- static cells: ${warmup}s warm-up then ${seconds}s measured; chdb cells: ${ch_seconds}s measured"
+    echo "- chdb data: $events generated events (28 days, seed 42); query: scripts/demo/experiment.sql"
+    echo "- preagg-proxy on its defaults (SQLite job store, engine ready, text log at info with one access line per request)"
+    echo
+    python3 "$bench/table.py" "$results"
+} | tee "$work/report.md"

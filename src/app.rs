@@ -1,0 +1,216 @@
+//! Wiring for `preagg-proxy serve`: logging, rules, metrics, the engine (connected in the
+//! background so the proxy serves pass-through from its first second), and the listeners.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
+
+use crate::admin::Admin;
+use crate::config::{Config, LogFormat, Mode, SettingsArgs};
+use crate::http::server;
+use crate::preagg::Engine;
+use crate::preagg::clickhouse::ClickHouse;
+use crate::preagg::store::Store;
+use crate::proxy::{EngineSlot, Proxy};
+use crate::rules::{self, Rule};
+use crate::shadow::Shadow;
+
+/// Changes the log filter of a running process.
+pub type LogFilterHandle = reload::Handle<EnvFilter, Registry>;
+
+/// Installs the tracing subscriber (text or JSON lines on stderr); the filter can be reloaded.
+pub fn init_logging(format: LogFormat, filter: &str) -> LogFilterHandle {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let (filter, handle) = reload::Layer::new(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let lines = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match format {
+        LogFormat::Text => registry.with(lines).try_init(),
+        LogFormat::Json => registry.with(lines.json().flatten_event(true)).try_init(),
+    };
+    handle
+}
+
+/// Where the configuration came from, to read it again on SIGHUP.
+pub struct ConfigSource {
+    /// Flags and environment given at start.
+    pub args: SettingsArgs,
+    /// The `--config` file, if any.
+    pub file: Option<PathBuf>,
+    /// The log filter handle.
+    pub log: LogFilterHandle,
+}
+
+/// Loads the rule files of the configured directory.
+pub fn load_rules(config: &Config) -> anyhow::Result<Vec<Arc<Rule>>> {
+    let rules = rules::load_dir(&config.rules)?;
+    Ok(rules.into_iter().map(Arc::new).collect())
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, then drains. SIGHUP reloads the configuration file and the
+/// rules without dropping connections.
+pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
+    for line in config.redacted_lines() {
+        tracing::info!(target: "preagg_proxy::config", "{line}");
+    }
+    let rules = load_rules(&config)?;
+    for rule in &rules {
+        tracing::info!(rule = %rule.name, version = rule.version, file = %rule.file.display(), "rule loaded");
+    }
+    let metrics = crate::metrics::install().context("installing the metrics recorder")?;
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let admin_listener =
+        TcpListener::bind(config.admin_listen).await.with_context(|| format!("binding {}", config.admin_listen))?;
+    let engine: EngineSlot = Arc::new(OnceLock::new());
+    if config.mode != Mode::Off {
+        tokio::spawn(connect_engine(config.clone(), rules.clone(), Arc::clone(&engine)));
+    }
+    let shadow = Shadow::start(&config, Arc::clone(&engine));
+    let admin = Admin::new(&config, Arc::clone(&engine), Some(Arc::clone(&shadow)), metrics);
+    let proxy = Arc::new(Proxy::new(&config, Arc::clone(&engine), Some(Arc::clone(&shadow))));
+    let reloader =
+        Reloader { source, config: config.clone(), engine: Arc::clone(&engine), proxy: Arc::clone(&proxy), shadow };
+    tokio::spawn(reloader.run());
+    let shutdown = CancellationToken::new();
+    let (listen, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
+    tracing::info!(listen = %listen, admin = %admin_addr, upstream = %config.upstream.redacted(), "serving");
+    let grace = config.shutdown_grace;
+    let proxy_task = tokio::spawn(server::serve(
+        listener,
+        move |request, peer| Arc::clone(&proxy).handle(request, peer),
+        shutdown.clone(),
+        grace,
+    ));
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        move |request, _| Arc::clone(&admin).handle(request),
+        shutdown.clone(),
+        grace,
+    ));
+    server::termination_signal().await;
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+    let _ = tokio::join!(proxy_task, admin_task);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Reloads the configuration on SIGHUP.
+struct Reloader {
+    source: ConfigSource,
+    config: Config,
+    engine: EngineSlot,
+    proxy: Arc<Proxy>,
+    shadow: Arc<Shadow>,
+}
+
+impl Reloader {
+    async fn run(mut self) {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; configuration reload is off");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match self.reload().await {
+                Ok(()) => tracing::info!("configuration reloaded"),
+                Err(error) => {
+                    tracing::error!(error = %format!("{error:#}"), "reload failed; keeping the running configuration")
+                }
+            }
+        }
+    }
+
+    /// Reads the file and the rules again; applies what can change while running and names what
+    /// needs a restart.
+    async fn reload(&mut self) -> anyhow::Result<()> {
+        let config = Config::load(&self.source.args, self.source.file.as_deref())?;
+        let rules = load_rules(&config)?;
+        if let Some(engine) = self.engine.get() {
+            engine.replace_rules(rules).await.context("creating tables for the new rules")?;
+            engine.reload_settings(&config);
+        }
+        self.proxy.reload(&config);
+        self.shadow.set_sample_rate(config.shadow_sample_rate);
+        self.source.log.reload(EnvFilter::try_new(&config.log_filter)?)?;
+        let before: Vec<String> = self.config.redacted_lines();
+        let after: Vec<String> = config.redacted_lines();
+        let changed: Vec<&str> = before
+            .iter()
+            .zip(&after)
+            .filter(|(a, b)| a != b)
+            .filter_map(|(a, _)| a.split(" = ").next())
+            .filter(|key| RESTART_KEYS.contains(key))
+            .collect();
+        if !changed.is_empty() {
+            tracing::warn!(keys = ?changed, "these keys only take effect after a restart");
+        }
+        self.config = config;
+        Ok(())
+    }
+}
+
+/// Keys read once at start: listeners, connections, caches, logging format and mode `off`.
+const RESTART_KEYS: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "upstream",
+    "store",
+    "store_timeout",
+    "clickhouse_url",
+    "clickhouse_user",
+    "clickhouse_password",
+    "preagg_database",
+    "cluster",
+    "connect_timeout",
+    "upstream_timeout",
+    "shutdown_grace",
+    "log_format",
+    "job_cache_capacity",
+    "job_cache_ttl",
+    "max_concurrent_builds",
+    "build_timeout",
+    "shadow_concurrency",
+    "shadow_queue",
+    "shadow_noise",
+    "shadow_float_tolerance",
+    "shadow_timeout",
+    "shadow_samples",
+    "admin_token",
+];
+
+/// Connects the job store and ClickHouse, creates the tables, and publishes the engine; retries
+/// until it succeeds. Until then queries pass through with `store_unavailable`.
+async fn connect_engine(config: Config, rules: Vec<Arc<Rule>>, slot: EngineSlot) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match build_engine(&config, rules.clone()).await {
+            Ok(engine) => {
+                let _ = slot.set(engine);
+                tracing::info!("engine ready: job store connected, tables present");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), retry_in = ?delay, "engine not ready; queries pass through");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Connects everything the engine needs.
+pub async fn build_engine(config: &Config, rules: Vec<Arc<Rule>>) -> anyhow::Result<Arc<Engine>> {
+    let store = Store::connect(&config.store, config.store_timeout).await.context("connecting the job store")?;
+    let clickhouse = ClickHouse::new(config);
+    let engine = Arc::new(Engine::new(config, rules, store, clickhouse));
+    engine.ensure_tables().await.context("creating the preaggregate tables")?;
+    Ok(engine)
+}

@@ -1,0 +1,311 @@
+//! The ClickHouse HTTP request model: where the query text comes from and how to change it.
+//!
+//! ClickHouse assembles a query from the `query` URL parameter, then a line feed, then the request
+//! body. For `INSERT ... FORMAT` the body is data and is never read as text. Bodies under
+//! `Content-Encoding` are decoded to read the text; forwarding an untouched request keeps the
+//! original bytes.
+
+use std::io::Read;
+
+use bytes::Bytes;
+use http::{HeaderMap, Uri, header};
+
+/// Errors reading a request as ClickHouse would.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The body could not be decoded under its `Content-Encoding`.
+    #[error("cannot decode request body with Content-Encoding `{encoding}`: {message}")]
+    Decode {
+        /// The declared encoding.
+        encoding: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The `Content-Encoding` is not one ClickHouse accepts.
+    #[error("unsupported Content-Encoding `{0}` (supported: gzip, deflate, zstd, br)")]
+    UnknownEncoding(String),
+    /// The decoded text is larger than the cap.
+    #[error("decoded request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// The query text is not UTF-8.
+    #[error("query text is not valid UTF-8")]
+    NotUtf8,
+}
+
+/// What kind of statement a query text starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementKind {
+    /// `SELECT`, `WITH` or a parenthesised query: a candidate for rewriting.
+    Select,
+    /// `INSERT`: the rest of the body is data, never touched.
+    Insert,
+    /// Anything else (DDL, SHOW, SYSTEM, EXPLAIN, ...).
+    Other,
+    /// No text at all.
+    Empty,
+}
+
+impl StatementKind {
+    /// Stable lowercase name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Select => "select",
+            StatementKind::Insert => "insert",
+            StatementKind::Other => "other",
+            StatementKind::Empty => "empty",
+        }
+    }
+}
+
+/// Classifies a query by its first keyword, skipping whitespace and comments.
+pub fn statement_kind(text: &str) -> StatementKind {
+    let rest = skip_space_and_comments(text);
+    let word: String = rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+    if rest.is_empty() {
+        StatementKind::Empty
+    } else if rest.starts_with('(') || word.eq_ignore_ascii_case("select") || word.eq_ignore_ascii_case("with") {
+        StatementKind::Select
+    } else if word.eq_ignore_ascii_case("insert") {
+        StatementKind::Insert
+    } else {
+        StatementKind::Other
+    }
+}
+
+fn skip_space_and_comments(mut s: &str) -> &str {
+    loop {
+        s = s.trim_start();
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.split_once('\n').map(|(_, r)| r).unwrap_or("");
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            s = rest.split_once("*/").map(|(_, r)| r).unwrap_or("");
+        } else {
+            return s;
+        }
+    }
+}
+
+/// The raw (percent-encoded) URL query string split into `key=value` segments, so that one
+/// parameter can be replaced while every other byte stays as the client sent it.
+#[derive(Debug, Clone)]
+pub struct UrlParams {
+    raw: String,
+}
+
+impl UrlParams {
+    /// Parameters of a request URI.
+    pub fn from_uri(uri: &Uri) -> UrlParams {
+        UrlParams { raw: uri.query().unwrap_or("").to_string() }
+    }
+
+    /// Decoded `(name, value)` pairs in order.
+    pub fn pairs(&self) -> impl Iterator<Item = (String, String)> + '_ {
+        form_urlencoded::parse(self.raw.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned()))
+    }
+
+    /// The decoded value of the last parameter named `name` (ClickHouse takes the last one).
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.pairs().filter(|(k, _)| k == name).last().map(|(_, v)| v)
+    }
+
+    /// The raw query string with every `query=` parameter's value replaced by `value`,
+    /// percent-encoded; all other segments keep their exact bytes.
+    pub fn with_query(&self, value: &str) -> String {
+        let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+        self.raw
+            .split('&')
+            .map(|segment| {
+                let name = segment.split('=').next().unwrap_or("");
+                let decoded_name: String =
+                    form_urlencoded::parse(name.as_bytes()).map(|(k, _)| k.into_owned()).next().unwrap_or_default();
+                if decoded_name == "query" { format!("query={encoded}") } else { segment.to_string() }
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+}
+
+/// Where a query's text came from: the parts ClickHouse joins with a line feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryText {
+    /// The decoded `query` URL parameter.
+    pub url_part: Option<String>,
+    /// The decoded request body, when it is query text.
+    pub body_part: Option<String>,
+}
+
+/// Which part of the request a byte range of the full text falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextPart {
+    /// Inside the `query` URL parameter.
+    Url,
+    /// Inside the body.
+    Body,
+    /// Across both (cannot be edited in place).
+    Both,
+}
+
+impl QueryText {
+    /// The query as ClickHouse sees it: `url_part + "\n" + body_part`.
+    pub fn full(&self) -> String {
+        match (&self.url_part, &self.body_part) {
+            (Some(u), Some(b)) => format!("{u}\n{b}"),
+            (Some(u), None) => u.clone(),
+            (None, Some(b)) => b.clone(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// Which part holds the full-text byte range `start..end`.
+    pub fn part_of(&self, start: usize, end: usize) -> TextPart {
+        match (&self.url_part, &self.body_part) {
+            (Some(u), Some(_)) if end <= u.len() => TextPart::Url,
+            (Some(u), Some(_)) if start > u.len() => TextPart::Body,
+            (Some(_), Some(_)) => TextPart::Both,
+            (Some(_), None) => TextPart::Url,
+            _ => TextPart::Body,
+        }
+    }
+
+    /// Splits an edited full text back into its parts; `None` when the edit moved the separator.
+    pub fn split_edited(&self, edited: &str, part: TextPart) -> Option<QueryText> {
+        match (part, &self.url_part, &self.body_part) {
+            (TextPart::Url, Some(_), Some(b)) => {
+                let url = edited.strip_suffix(b.as_str())?.strip_suffix('\n')?;
+                Some(QueryText { url_part: Some(url.to_string()), body_part: Some(b.clone()) })
+            }
+            (TextPart::Body, Some(u), Some(_)) => {
+                let body = edited.strip_prefix(u.as_str())?.strip_prefix('\n')?;
+                Some(QueryText { url_part: Some(u.clone()), body_part: Some(body.to_string()) })
+            }
+            (TextPart::Url, Some(_), None) => Some(QueryText { url_part: Some(edited.to_string()), body_part: None }),
+            (TextPart::Body, None, Some(_)) => Some(QueryText { url_part: None, body_part: Some(edited.to_string()) }),
+            _ => None,
+        }
+    }
+}
+
+/// The `Content-Encoding` of a request body, if any (identity counts as none).
+pub fn content_encoding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty() && v != "identity")
+}
+
+/// Whether the body is `multipart/form-data` (external tables): never query text.
+pub fn is_multipart(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/"))
+}
+
+/// Decodes a complete body under `encoding`, refusing to inflate beyond `cap` bytes.
+pub fn decode_body(raw: &[u8], encoding: Option<&str>, cap: usize) -> Result<Bytes, RequestError> {
+    let Some(encoding) = encoding else {
+        return Ok(Bytes::copy_from_slice(raw));
+    };
+    let decode_error =
+        |e: std::io::Error| RequestError::Decode { encoding: encoding.to_string(), message: e.to_string() };
+    let reader: Box<dyn Read + '_> = match encoding {
+        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(raw)),
+        "deflate" => Box::new(flate2::read::ZlibDecoder::new(raw)),
+        "zstd" => Box::new(zstd::stream::read::Decoder::new(raw).map_err(decode_error)?),
+        "br" => Box::new(brotli::Decompressor::new(raw, 64 * 1024)),
+        other => return Err(RequestError::UnknownEncoding(other.to_string())),
+    };
+    let mut out = Vec::new();
+    reader.take(cap as u64 + 1).read_to_end(&mut out).map_err(decode_error)?;
+    if out.len() > cap {
+        return Err(RequestError::TooLarge(cap));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Decodes as much of a body prefix as possible (for a body too large to read whole), to see
+/// whether it starts an INSERT. Errors from the truncated stream are expected and ignored.
+pub fn decode_prefix(raw: &[u8], encoding: Option<&str>, limit: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let reader: Option<Box<dyn Read + '_>> = match encoding {
+        None => return raw[..raw.len().min(limit)].to_vec(),
+        Some("gzip") | Some("x-gzip") => Some(Box::new(flate2::read::MultiGzDecoder::new(raw))),
+        Some("deflate") => Some(Box::new(flate2::read::ZlibDecoder::new(raw))),
+        Some("zstd") => zstd::stream::read::Decoder::new(raw).ok().map(|d| Box::new(d) as Box<dyn Read>),
+        Some("br") => Some(Box::new(brotli::Decompressor::new(raw, 64 * 1024))),
+        Some(_) => None,
+    };
+    if let Some(mut reader) = reader {
+        let mut buf = [0u8; 4096];
+        while out.len() < limit {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+    out.truncate(limit);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn kinds() {
+        assert_eq!(statement_kind("  -- c\n/* x */ select 1"), StatementKind::Select);
+        assert_eq!(statement_kind("WITH x AS (SELECT 1) SELECT * FROM x"), StatementKind::Select);
+        assert_eq!(statement_kind("(SELECT 1)"), StatementKind::Select);
+        assert_eq!(statement_kind("insert into t format CSV\n1"), StatementKind::Insert);
+        assert_eq!(statement_kind("CREATE TABLE t"), StatementKind::Other);
+        assert_eq!(statement_kind("  "), StatementKind::Empty);
+    }
+
+    #[test]
+    fn url_params_replace_only_query() {
+        let uri: Uri = "/?user=a%20b&query=SELECT%201&query_id=x%2By&param_p=%27q%27".parse().unwrap();
+        let p = UrlParams::from_uri(&uri);
+        assert_eq!(p.get("query").as_deref(), Some("SELECT 1"));
+        assert_eq!(p.get("query_id").as_deref(), Some("x+y"));
+        assert_eq!(
+            p.with_query("SELECT 'é'&2"),
+            "user=a%20b&query=SELECT+%27%C3%A9%27%262&query_id=x%2By&param_p=%27q%27"
+        );
+    }
+
+    #[test]
+    fn full_text_and_parts() {
+        let q = QueryText { url_part: Some("SELECT a".into()), body_part: Some("FROM t".into()) };
+        assert_eq!(q.full(), "SELECT a\nFROM t");
+        assert_eq!(q.part_of(0, 8), TextPart::Url);
+        assert_eq!(q.part_of(9, 15), TextPart::Body);
+        assert_eq!(q.part_of(5, 12), TextPart::Both);
+        let edited = "SELECT a\nFROM u";
+        assert_eq!(q.split_edited(edited, TextPart::Body).unwrap().body_part.as_deref(), Some("FROM u"));
+    }
+
+    #[test]
+    fn decodes_every_encoding() {
+        let text = b"SELECT 1";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(text).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(&decode_body(&gz, Some("gzip"), 100).unwrap()[..], text);
+        let mut zl = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zl.write_all(text).unwrap();
+        assert_eq!(&decode_body(&zl.finish().unwrap(), Some("deflate"), 100).unwrap()[..], text);
+        let zs = zstd::encode_all(&text[..], 3).unwrap();
+        assert_eq!(&decode_body(&zs, Some("zstd"), 100).unwrap()[..], text);
+        let mut br = Vec::new();
+        brotli::CompressorWriter::new(&mut br, 4096, 5, 22).write_all(text).unwrap();
+        assert_eq!(&decode_body(&br, Some("br"), 100).unwrap()[..], text);
+        assert!(matches!(decode_body(&gz, Some("gzip"), 4), Err(RequestError::TooLarge(4))));
+        assert!(matches!(decode_body(b"xx", Some("lzma"), 4), Err(RequestError::UnknownEncoding(_))));
+        assert!(decode_body(b"not gzip", Some("gzip"), 100).is_err());
+        assert_eq!(&decode_prefix(&gz[..gz.len() - 4], Some("gzip"), 6), b"SELECT");
+    }
+}

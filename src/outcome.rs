@@ -1,0 +1,230 @@
+//! What the proxy did with a request, as users see it in the `X-Preagg` response header.
+//!
+//! Every failure anywhere on the request path maps to a [`Reason`] with a stable code, and the
+//! request is forwarded untouched.
+
+use std::fmt;
+
+/// Why a request was forwarded untouched. The codes are stable: dashboards and tests use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The path is not ClickHouse's query endpoint (`/ping`, `/play`, ...).
+    NotQueryEndpoint,
+    /// An INSERT: the body is data.
+    Insert,
+    /// Not a SELECT (DDL, SHOW, SYSTEM, ...), or no query text.
+    NotSelect,
+    /// A multipart body (external tables).
+    ExternalData,
+    /// `--mode off`.
+    ModeOff,
+    /// No rule's prefilter literal occurs in the text.
+    NotExperimentQuery,
+    /// The text does not tokenize.
+    TokenizeError,
+    /// Analysis exceeded `max_parse_time`.
+    ParseBudgetExceeded,
+    /// A candidate subquery was found but its body does not parse.
+    BodyParseError,
+    /// No subquery with the rule's structure (FROM source, GROUP BY).
+    NoCandidate,
+    /// The body reads another table than the rule's source.
+    OtherSourceTable,
+    /// The body is not a plain SELECT (UNION, nested WITH, ...).
+    NotPlainSelect,
+    /// LIMIT, ORDER BY, HAVING, window functions, PREWHERE, DISTINCT, SETTINGS... in the body.
+    UnsupportedClause,
+    /// The GROUP BY is not the rule's entity key alone.
+    UnsupportedGroupBy,
+    /// A projected column is not one the rule knows how to re-aggregate.
+    UnknownAggregate,
+    /// A required predicate (team, event, ...) is missing.
+    MissingPredicate,
+    /// The time range has no lower or no upper bound.
+    MissingBound,
+    /// More than one lower or upper bound on the time column.
+    AmbiguousBound,
+    /// A bound is not a literal timestamp.
+    NonLiteralBound,
+    /// A bound literal's text or timezone cannot be interpreted exactly.
+    UnparsedBoundLiteral,
+    /// The time column is wrapped in an expression that may change instants.
+    UnsupportedTimeExpression,
+    /// The body uses `{name:Type}` query parameters.
+    QueryParameters,
+    /// The body calls a function whose value depends on when or where it runs (`now()`, ...).
+    NonDeterministic,
+    /// A column reference cannot be resolved to the source table unambiguously.
+    AmbiguousColumn,
+    /// An expression could not be anchored on tokens for an exact cut.
+    Unlocatable,
+    /// The time range is empty or inverted.
+    EmptyRange,
+    /// The candidate spans both the URL `query` parameter and the body.
+    SplitQuery,
+    /// No window of the range is sealed and covered by a ready job.
+    NoWindowsReady,
+    /// Windows are being built; until they are ready the query runs as the original.
+    Building,
+    /// The job store could not be reached.
+    StoreUnavailable,
+    /// Building a window failed.
+    BuildFailed,
+    /// The column types of the body could not be learned from ClickHouse.
+    DescribeFailed,
+    /// The rewritten query failed upstream; the original was sent instead.
+    RewrittenQueryFailed,
+    /// Shadow mode: the client gets the original; the rewrite is compared in the background.
+    Shadow,
+}
+
+impl Reason {
+    /// The stable code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NotQueryEndpoint => "not_query_endpoint",
+            Reason::Insert => "insert",
+            Reason::NotSelect => "not_select",
+            Reason::ExternalData => "external_data",
+            Reason::ModeOff => "mode_off",
+            Reason::NotExperimentQuery => "not_experiment_query",
+            Reason::TokenizeError => "tokenize_error",
+            Reason::ParseBudgetExceeded => "parse_budget_exceeded",
+            Reason::BodyParseError => "body_parse_error",
+            Reason::NoCandidate => "no_candidate",
+            Reason::OtherSourceTable => "other_source_table",
+            Reason::NotPlainSelect => "not_plain_select",
+            Reason::UnsupportedClause => "unsupported_clause",
+            Reason::UnsupportedGroupBy => "unsupported_group_by",
+            Reason::UnknownAggregate => "unknown_aggregate",
+            Reason::MissingPredicate => "missing_predicate",
+            Reason::MissingBound => "missing_bound",
+            Reason::AmbiguousBound => "ambiguous_bound",
+            Reason::NonLiteralBound => "non_literal_bound",
+            Reason::UnparsedBoundLiteral => "unparsed_bound_literal",
+            Reason::UnsupportedTimeExpression => "unsupported_time_expression",
+            Reason::QueryParameters => "query_parameters",
+            Reason::NonDeterministic => "non_deterministic",
+            Reason::AmbiguousColumn => "ambiguous_column",
+            Reason::Unlocatable => "unlocatable",
+            Reason::EmptyRange => "empty_range",
+            Reason::SplitQuery => "split_query",
+            Reason::NoWindowsReady => "no_windows_ready",
+            Reason::Building => "building",
+            Reason::StoreUnavailable => "store_unavailable",
+            Reason::BuildFailed => "build_failed",
+            Reason::DescribeFailed => "describe_failed",
+            Reason::RewrittenQueryFailed => "rewritten_query_failed",
+            Reason::Shadow => "shadow",
+        }
+    }
+
+    /// Every reason, for metrics registration and documentation.
+    pub const ALL: &'static [Reason] = &[
+        Reason::NotQueryEndpoint,
+        Reason::Insert,
+        Reason::NotSelect,
+        Reason::ExternalData,
+        Reason::ModeOff,
+        Reason::NotExperimentQuery,
+        Reason::TokenizeError,
+        Reason::ParseBudgetExceeded,
+        Reason::BodyParseError,
+        Reason::NoCandidate,
+        Reason::OtherSourceTable,
+        Reason::NotPlainSelect,
+        Reason::UnsupportedClause,
+        Reason::UnsupportedGroupBy,
+        Reason::UnknownAggregate,
+        Reason::MissingPredicate,
+        Reason::MissingBound,
+        Reason::AmbiguousBound,
+        Reason::NonLiteralBound,
+        Reason::UnparsedBoundLiteral,
+        Reason::UnsupportedTimeExpression,
+        Reason::QueryParameters,
+        Reason::NonDeterministic,
+        Reason::AmbiguousColumn,
+        Reason::Unlocatable,
+        Reason::EmptyRange,
+        Reason::SplitQuery,
+        Reason::NoWindowsReady,
+        Reason::Building,
+        Reason::StoreUnavailable,
+        Reason::BuildFailed,
+        Reason::DescribeFailed,
+        Reason::RewrittenQueryFailed,
+        Reason::Shadow,
+    ];
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Counts describing a rewrite, for the `X-Preagg` header.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RewriteSummary {
+    /// Rule name.
+    pub rule: String,
+    /// Occurrences rewritten.
+    pub occurrences: usize,
+    /// Distinct jobs read.
+    pub jobs: usize,
+    /// Raw sub-ranges read from the source table.
+    pub raw_ranges: usize,
+}
+
+/// The proxy's decision for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forwarded untouched.
+    Passthrough(Reason),
+    /// Forwarded with rewritten subqueries.
+    Rewritten(RewriteSummary),
+}
+
+impl Outcome {
+    /// The `X-Preagg` header value.
+    pub fn header_value(&self) -> String {
+        match self {
+            Outcome::Passthrough(reason) => format!("passthrough reason={reason}"),
+            Outcome::Rewritten(s) => format!(
+                "rewritten rule={} occurrences={} jobs={} raw_ranges={}",
+                s.rule, s.occurrences, s.jobs, s.raw_ranges
+            ),
+        }
+    }
+
+    /// A short label for logs and metrics: the reason code or `rewritten`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Passthrough(reason) => reason.as_str(),
+            Outcome::Rewritten(_) => "rewritten",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_is_listed_once_with_a_unique_code() {
+        let codes: std::collections::HashSet<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(codes.len(), Reason::ALL.len());
+        for r in Reason::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+        }
+    }
+
+    #[test]
+    fn header_values() {
+        assert_eq!(Outcome::Passthrough(Reason::Insert).header_value(), "passthrough reason=insert");
+        let s = RewriteSummary { rule: "r".into(), occurrences: 2, jobs: 30, raw_ranges: 3 };
+        assert_eq!(Outcome::Rewritten(s).header_value(), "rewritten rule=r occurrences=2 jobs=30 raw_ranges=3");
+    }
+}

@@ -1,0 +1,692 @@
+//! Preaggregation: the engine that decides, for one query, what to serve from preaggregated
+//! windows, builds what is missing, and produces the rewritten text.
+//!
+//! Per query: analyze (pure) -> look up jobs (cached) -> plan (pure) -> start builds for sealed
+//! windows nobody holds -> rewrite (pure). Any failure is a pass-through with a reason.
+
+pub mod clickhouse;
+pub mod plan;
+pub mod store;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use http::HeaderMap;
+use tokio::sync::Semaphore;
+
+use crate::config::{BuildPolicy, Config, ExpiryBands, Mode};
+use crate::http::request::UrlParams;
+use crate::metrics as m;
+use crate::outcome::{Reason, RewriteSummary};
+use crate::rules::Rule;
+use crate::sql::rewrite::{self, BuildWindow, Target, Window};
+use crate::sql::splice::{self, Edit};
+use crate::sql::{self, Analysis, Found, settings};
+use clickhouse::{ClickHouse, StatementContext};
+use plan::{Plan, ReadyJob};
+use store::{Built, Job, JobKey, ShapeRecord, Status, Store};
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// The request context that changes what a query computes, read from the request.
+#[derive(Debug, Clone, Default)]
+pub struct QueryContext {
+    /// Settings given as URL parameters.
+    pub url_settings: BTreeMap<String, String>,
+    /// The `database` parameter or `X-ClickHouse-Database` header.
+    pub database: String,
+    /// The ClickHouse user the request authenticates as, if it says.
+    pub user: Option<String>,
+}
+
+impl QueryContext {
+    /// Reads the context from a request's URL parameters and headers.
+    pub fn from_request(params: &UrlParams, headers: &HeaderMap) -> QueryContext {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let basic_user = header("authorization").and_then(|v| {
+            let encoded = v.strip_prefix("Basic ")?;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+            let text = String::from_utf8(decoded).ok()?;
+            Some(text.split_once(':').map(|(u, _)| u.to_string()).unwrap_or(text))
+        });
+        QueryContext {
+            url_settings: settings::url_settings(params.pairs()),
+            database: params.get("database").or_else(|| header("x-clickhouse-database")).unwrap_or_default(),
+            user: header("x-clickhouse-user").or_else(|| params.get("user")).or(basic_user),
+        }
+    }
+}
+
+/// A rewritten query text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    /// The full new text.
+    pub text: String,
+    /// First byte of the original that changed.
+    pub first_change: usize,
+    /// End of the last changed byte range of the original.
+    pub last_change_in_original: usize,
+    /// Query hashes of the rewritten occurrences.
+    pub hashes: Vec<String>,
+    /// Job ids read.
+    pub job_ids: Vec<String>,
+}
+
+/// What to do with a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Forward the original.
+    Forward(Reason),
+    /// Forward (or, when `shadow`, compare) the rewritten text.
+    Rewrite {
+        /// The new text.
+        text: Rewritten,
+        /// Counts for `X-Preagg`.
+        summary: RewriteSummary,
+        /// Answer with the original and compare the rewrite in the background.
+        shadow: bool,
+    },
+}
+
+/// Engine settings taken from the configuration (replaced on reload).
+#[derive(Debug, Clone)]
+struct Settings {
+    mode: Mode,
+    seal_after: i64,
+    expiry_buffer: i64,
+    expiry_bands: ExpiryBands,
+    build: BuildPolicy,
+    build_wait_timeout: Duration,
+    lease: Duration,
+    retry_after: i64,
+    jobs_per_user: bool,
+    max_parse_time: Duration,
+}
+
+impl Settings {
+    fn from_config(config: &Config) -> Settings {
+        Settings {
+            mode: config.mode,
+            seal_after: micros(config.seal_after),
+            expiry_buffer: micros(config.expiry_buffer),
+            expiry_bands: config.expiry_bands.clone(),
+            build: config.build,
+            build_wait_timeout: config.build_wait_timeout,
+            lease: config.lease_duration,
+            retry_after: micros(config.build_retry_after),
+            jobs_per_user: config.jobs_per_user,
+            max_parse_time: config.max_parse_time,
+        }
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Builds to start once the query that needed them has its answer: a background build started
+/// at once would compete with that very query for the same CPUs.
+#[derive(Default)]
+pub struct Deferred(Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl Deferred {
+    fn push(&mut self, build: impl Future<Output = ()> + Send + 'static) {
+        self.0.push(Box::pin(build));
+    }
+
+    /// Starts the builds in the background.
+    pub fn start(self) {
+        for build in self.0 {
+            tokio::spawn(build);
+        }
+    }
+}
+
+/// Errors of a build, recorded on its jobs.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// ClickHouse failed.
+    #[error(transparent)]
+    ClickHouse(#[from] clickhouse::ClickHouseError),
+    /// The statement could not be produced.
+    #[error("cannot produce the build statement: {0}")]
+    Statement(String),
+    /// DESCRIBE did not list the stored columns.
+    #[error("DESCRIBE returned columns {0:?}, expected the stored columns")]
+    Columns(Vec<String>),
+}
+
+/// The missing windows of a plan, by what they are waiting for.
+#[derive(Debug, Default)]
+struct Missing {
+    /// Nobody holds them: a build can start.
+    buildable: Vec<Window>,
+    /// A build (here or in another proxy) holds them.
+    building: usize,
+    /// Their last build failed recently.
+    failed: usize,
+}
+
+/// Key of one in-process build: concurrent identical queries share it.
+type BuildKey = (i64, String, Vec<Window>);
+
+/// The preaggregation engine.
+pub struct Engine {
+    rules: RwLock<Arc<Vec<Arc<Rule>>>>,
+    settings: RwLock<Arc<Settings>>,
+    store: Store,
+    clickhouse: ClickHouse,
+    jobs: moka::future::Cache<(i64, String), Arc<Vec<Job>>>,
+    shapes: moka::future::Cache<String, Arc<ShapeRecord>>,
+    builds: moka::future::Cache<BuildKey, usize>,
+    build_slots: Arc<Semaphore>,
+    tables: tokio::sync::Mutex<HashSet<String>>,
+    store_down_until: AtomicI64,
+    owner: String,
+}
+
+/// After a job store failure, lookups are not tried again for this long: queries pass through at
+/// once instead of each waiting for the store.
+const STORE_BACKOFF: i64 = 5_000_000;
+
+impl Engine {
+    /// An engine over a connected store and ClickHouse client.
+    pub fn new(config: &Config, rules: Vec<Arc<Rule>>, store: Store, clickhouse: ClickHouse) -> Engine {
+        Engine {
+            rules: RwLock::new(Arc::new(rules)),
+            settings: RwLock::new(Arc::new(Settings::from_config(config))),
+            store,
+            clickhouse,
+            jobs: moka::future::Cache::builder()
+                .max_capacity(config.job_cache_capacity)
+                .time_to_live(config.job_cache_ttl)
+                .build(),
+            shapes: moka::future::Cache::builder().max_capacity(config.job_cache_capacity).build(),
+            builds: moka::future::Cache::builder().time_to_live(Duration::from_secs(2)).build(),
+            build_slots: Arc::new(Semaphore::new(config.max_concurrent_builds)),
+            tables: tokio::sync::Mutex::new(HashSet::new()),
+            store_down_until: AtomicI64::new(0),
+            owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
+        }
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        self.settings.read().map(|s| Arc::clone(&s)).unwrap_or_else(|poisoned| Arc::clone(&poisoned.into_inner()))
+    }
+
+    /// Applies the reloadable settings of a new configuration (rules are replaced separately).
+    pub fn reload_settings(&self, config: &Config) {
+        if let Ok(mut settings) = self.settings.write() {
+            *settings = Arc::new(Settings::from_config(config));
+        }
+    }
+
+    /// The loaded rules.
+    pub fn rules(&self) -> Arc<Vec<Arc<Rule>>> {
+        self.rules.read().map(|r| Arc::clone(&r)).unwrap_or_default()
+    }
+
+    /// Replaces the rules (configuration reload) and creates any new tables.
+    pub async fn replace_rules(&self, rules: Vec<Arc<Rule>>) -> Result<(), clickhouse::ClickHouseError> {
+        for rule in &rules {
+            self.ensure_table(rule).await?;
+        }
+        if let Ok(mut current) = self.rules.write() {
+            *current = Arc::new(rules);
+        }
+        Ok(())
+    }
+
+    /// The job store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The ClickHouse client for the proxy's own statements.
+    pub fn clickhouse(&self) -> &ClickHouse {
+        &self.clickhouse
+    }
+
+    /// Creates every rule's table if missing.
+    pub async fn ensure_tables(&self) -> Result<(), clickhouse::ClickHouseError> {
+        for rule in self.rules().iter() {
+            self.ensure_table(rule).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates a rule's table if this process has not seen it yet.
+    async fn ensure_table(&self, rule: &Rule) -> Result<(), clickhouse::ClickHouseError> {
+        let mut tables = self.tables.lock().await;
+        if !tables.contains(&rule.name) {
+            self.clickhouse.ensure_table(rule).await?;
+            tables.insert(rule.name.clone());
+        }
+        Ok(())
+    }
+
+    fn sql_context(&self, context: &QueryContext) -> sql::Context {
+        sql::Context {
+            url_settings: context.url_settings.clone(),
+            database: context.database.clone(),
+            user: if self.settings().jobs_per_user { context.user.clone() } else { None },
+            preagg_database: self.clickhouse.layout().database.clone(),
+        }
+    }
+
+    /// Analyzes a query: its occurrences, or why there are none.
+    pub fn analyze(&self, context: &QueryContext, text: &str) -> Result<Analysis, Reason> {
+        let started = Instant::now();
+        let rules = self.rules();
+        let result = sql::analyze(&rules, text, &self.sql_context(context), self.settings().max_parse_time);
+        m::analysis_time(started.elapsed());
+        result
+    }
+
+    /// Decides what to do with a SELECT: the request path's "decide" phase. Background builds it
+    /// needs are left in `deferred`, to be started once the answer is sent.
+    pub async fn decide(self: &Arc<Self>, context: &QueryContext, text: &str, deferred: &mut Deferred) -> Decision {
+        let settings = self.settings();
+        if settings.mode == Mode::Off {
+            return Decision::Forward(Reason::ModeOff);
+        }
+        let analysis = match self.analyze(context, text) {
+            Ok(analysis) => analysis,
+            Err(reason) => return Decision::Forward(reason),
+        };
+        let text: Arc<str> = Arc::from(text);
+        let mut edits = Vec::new();
+        let mut reasons = Vec::new();
+        let mut rules = Vec::new();
+        let mut hashes = Vec::new();
+        let mut job_ids: Vec<String> = Vec::new();
+        let mut raw_ranges = 0;
+        let mut shadow = false;
+        for found in &analysis.found {
+            // A rule's own mode, when it has one, wins over the global mode.
+            let mode = found.rule.mode.unwrap_or(settings.mode);
+            if mode == Mode::Off {
+                reasons.push(Reason::ModeOff);
+                continue;
+            }
+            match self.serve(found, &analysis, context, &text, mode == Mode::Shadow, deferred).await {
+                Ok((replacement, plan)) => {
+                    edits.push(Edit::new(found.occurrence.body.clone(), replacement));
+                    if !rules.contains(&found.rule.name) {
+                        rules.push(found.rule.name.clone());
+                    }
+                    hashes.push(found.query_hash.clone());
+                    shadow |= mode == Mode::Shadow;
+                    raw_ranges += plan.raw.len();
+                    for job in plan.served {
+                        if !job_ids.contains(&job.id) {
+                            job_ids.push(job.id);
+                        }
+                    }
+                }
+                Err(reason) => reasons.push(reason),
+            }
+        }
+        let started = Instant::now();
+        let Ok(rewritten) = splice::apply(&text, &edits) else { return Decision::Forward(Reason::Unlocatable) };
+        m::rewrite_time(started.elapsed());
+        let (Some(first), Some(last)) =
+            (edits.iter().map(|e| e.range.start).min(), edits.iter().map(|e| e.range.end).max())
+        else {
+            return Decision::Forward(reasons.first().copied().unwrap_or(Reason::NoWindowsReady));
+        };
+        let summary =
+            RewriteSummary { rule: rules.join(","), occurrences: edits.len(), jobs: job_ids.len(), raw_ranges };
+        Decision::Rewrite {
+            text: Rewritten { text: rewritten, first_change: first, last_change_in_original: last, hashes, job_ids },
+            summary,
+            shadow,
+        }
+    }
+
+    /// Plans one occurrence, starts builds for what is missing, and produces its replacement. A
+    /// shadowed query never waits for builds: shadow work must not touch the client's answer.
+    async fn serve(
+        self: &Arc<Self>,
+        found: &Found,
+        analysis: &Analysis,
+        context: &QueryContext,
+        text: &Arc<str>,
+        shadowed: bool,
+        deferred: &mut Deferred,
+    ) -> Result<(String, Plan), Reason> {
+        let started = Instant::now();
+        let settings = self.settings();
+        let (mut plan, mut missing) = self.plan(found, now_micros()).await?;
+        let build = (!missing.buildable.is_empty()).then(|| {
+            let windows = std::mem::take(&mut missing.buildable);
+            let context = self.statement_context(analysis, context);
+            Arc::clone(self).build(found.clone(), Arc::clone(text), context, windows)
+        });
+        let policy = if shadowed { BuildPolicy::Background } else { settings.build };
+        match (policy, build) {
+            (BuildPolicy::Background, Some(build)) => {
+                deferred.push(async move {
+                    let _ = build.await;
+                });
+                missing.building += 1;
+            }
+            (BuildPolicy::Wait, build) if build.is_some() || missing.building > 0 => {
+                m::build_waited();
+                let deadline = Instant::now() + settings.build_wait_timeout;
+                if let Some(build) = build
+                    && let Ok(Err(_)) = tokio::time::timeout_at(deadline.into(), build).await
+                {
+                    missing.failed += 1;
+                }
+                (plan, missing) = self.wait_for_windows(found, deadline).await?;
+            }
+            _ => {}
+        }
+        m::plan_time(started.elapsed());
+        if !plan.serves_any() {
+            return Err(if missing.failed > 0 {
+                Reason::BuildFailed
+            } else if missing.building > 0 || !plan.missing.is_empty() {
+                Reason::Building
+            } else {
+                Reason::NoWindowsReady
+            });
+        }
+        let shape = self.shape(&found.query_hash).await?;
+        if shape.names.iter().map(String::as_str).ne(found.occurrence.stored_columns()) {
+            return Err(Reason::DescribeFailed);
+        }
+        let replacement = rewrite::replacement(
+            text,
+            &found.occurrence,
+            &plan.served,
+            &plan.raw,
+            &shape.types,
+            &self.target(&found.rule),
+        )
+        .map_err(|_| Reason::Unlocatable)?;
+        Ok((replacement, plan))
+    }
+
+    /// The plan at `now`, and what the missing windows are waiting for.
+    async fn plan(&self, found: &Found, now: i64) -> Result<(Plan, Missing), Reason> {
+        let occ = &found.occurrence;
+        let settings = self.settings();
+        let jobs = self.lookup(occ.team_id, &found.query_hash, now).await?;
+        let serve_until = now + settings.expiry_buffer;
+        let ready: Vec<ReadyJob> = jobs
+            .iter()
+            .filter(|j| j.status == Status::Ready && j.expires_at.is_some_and(|e| e > serve_until))
+            .map(|j| ReadyJob { id: j.id.clone(), window: j.window, rows: j.rows_written.unwrap_or(0).max(0) as u64 })
+            .collect();
+        let plan = plan::plan(occ.range, &ready, now, settings.seal_after);
+        let window_set = |keep: &dyn Fn(&Job) -> bool| -> HashSet<Window> {
+            jobs.iter().filter(|j| keep(j)).map(|j| j.window).collect()
+        };
+        let building = window_set(&|j| j.status == Status::Pending && j.lease_expires_at.is_some_and(|l| l > now));
+        let failed = window_set(&|j| j.status == Status::Failed && j.created_at > now - settings.retry_after);
+        let mut missing = Missing::default();
+        for window in &plan.missing {
+            if building.contains(window) {
+                missing.building += 1;
+            } else if failed.contains(window) {
+                missing.failed += 1;
+            } else {
+                missing.buildable.push(*window);
+            }
+        }
+        Ok((plan, missing))
+    }
+
+    /// Re-plans until no missing window is being built, or the deadline passes: windows another
+    /// query (or another proxy) is building become ready while this query waits.
+    async fn wait_for_windows(&self, found: &Found, deadline: Instant) -> Result<(Plan, Missing), Reason> {
+        loop {
+            self.jobs.invalidate(&(found.occurrence.team_id, found.query_hash.clone())).await;
+            let (plan, missing) = self.plan(found, now_micros()).await?;
+            if missing.building == 0 || Instant::now() >= deadline {
+                return Ok((plan, missing));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Jobs of (team, hash), from the cache or the store.
+    async fn lookup(&self, team_id: i64, query_hash: &str, now: i64) -> Result<Arc<Vec<Job>>, Reason> {
+        let key = (team_id, query_hash.to_string());
+        if let Some(jobs) = self.jobs.get(&key).await {
+            m::job_cache(true);
+            return Ok(jobs);
+        }
+        m::job_cache(false);
+        if self.store_down_until.load(Ordering::Relaxed) > now {
+            return Err(Reason::StoreUnavailable);
+        }
+        let failed_since = now - self.settings().retry_after;
+        let jobs = self.store.lookup(team_id, query_hash, now, failed_since).await.map_err(|error| {
+            tracing::warn!(%error, "job lookup failed; passing queries through for a few seconds");
+            self.store_down_until.store(now + STORE_BACKOFF, Ordering::Relaxed);
+            Reason::StoreUnavailable
+        })?;
+        let jobs = Arc::new(jobs);
+        self.jobs.insert(key, Arc::clone(&jobs)).await;
+        Ok(jobs)
+    }
+
+    /// The stored columns' names and original types of a hash.
+    async fn shape(&self, query_hash: &str) -> Result<Arc<ShapeRecord>, Reason> {
+        if let Some(shape) = self.shapes.get(query_hash).await {
+            return Ok(shape);
+        }
+        let record = self.store.shape(query_hash).await.map_err(|_| Reason::StoreUnavailable)?;
+        let record = Arc::new(record.ok_or(Reason::DescribeFailed)?);
+        self.shapes.insert(query_hash.to_string(), Arc::clone(&record)).await;
+        Ok(record)
+    }
+
+    fn target(&self, rule: &Rule) -> Target {
+        Target {
+            database: self.clickhouse.layout().database.clone(),
+            table: rule.target.table.clone(),
+            cluster: self.clickhouse.layout().cluster.is_some(),
+        }
+    }
+
+    fn statement_context(&self, analysis: &Analysis, context: &QueryContext) -> StatementContext {
+        StatementContext { database: context.database.clone(), settings: settings::for_builds(&analysis.settings) }
+    }
+
+    /// Builds `windows` of an occurrence once, however many queries ask at the same time. Returns
+    /// how many windows this call saw built.
+    pub async fn build(
+        self: Arc<Self>,
+        found: Found,
+        text: Arc<str>,
+        context: StatementContext,
+        windows: Vec<Window>,
+    ) -> Result<usize, Arc<BuildError>> {
+        let key = (found.occurrence.team_id, found.query_hash.clone(), windows.clone());
+        let engine = Arc::clone(&self);
+        let result = self
+            .builds
+            .try_get_with(key, async move { engine.run_build(&found, &text, &context, windows).await })
+            .await;
+        if let Err(error) = &result {
+            tracing::warn!(%error, "build failed; queries fall back to the original");
+        }
+        result
+    }
+
+    async fn run_build(
+        &self,
+        found: &Found,
+        text: &str,
+        context: &StatementContext,
+        windows: Vec<Window>,
+    ) -> Result<usize, BuildError> {
+        let Ok(_slot) = self.build_slots.acquire().await else { return Ok(0) };
+        let occ = &found.occurrence;
+        let rule = &found.rule;
+        let now = now_micros();
+        let key = JobKey { team_id: occ.team_id, rule: &rule.name, query_hash: &found.query_hash };
+        let claimed = self.store.claim(&key, &windows, &self.owner, now, self.settings().lease).await?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        self.jobs.invalidate(&(occ.team_id, found.query_hash.clone())).await;
+        let ids: Vec<String> = claimed.iter().map(|(_, id)| id.clone()).collect();
+        let lease = self.renew_leases(ids.clone());
+        m::build_started(&rule.name);
+        let started = Instant::now();
+        let result = self.fill(found, text, context, &claimed, now).await;
+        lease.abort();
+        m::build_finished(&rule.name, started.elapsed(), result.as_ref().ok().copied());
+        if let Err(error) = &result {
+            // The table may be gone (dropped, or a new node): create it again before the next build.
+            self.tables.lock().await.remove(&rule.name);
+            let message = crate::http::forward::error_chain(error);
+            if let Err(store_error) = self.store.mark_failed(&ids, &self.owner, &message).await {
+                tracing::warn!(%store_error, "cannot record a failed build");
+            }
+        }
+        self.jobs.invalidate(&(occ.team_id, found.query_hash.clone())).await;
+        result.map(|_| claimed.len())
+    }
+
+    /// Learns the types if needed, runs the INSERT, confirms what it wrote, marks jobs ready.
+    /// Returns the rows written.
+    async fn fill(
+        &self,
+        found: &Found,
+        text: &str,
+        context: &StatementContext,
+        claimed: &[(Window, String)],
+        now: i64,
+    ) -> Result<u64, BuildError> {
+        let occ = &found.occurrence;
+        self.ensure_table(&found.rule).await?;
+        if self.store.shape(&found.query_hash).await?.is_none() {
+            let describe = rewrite::describe_statement(text, occ).map_err(|e| BuildError::Statement(e.to_string()))?;
+            let described = self.clickhouse.describe(&describe, context).await?;
+            let names: Vec<String> = described.iter().map(|(n, _)| n.clone()).collect();
+            if names.iter().map(String::as_str).ne(occ.stored_columns()) {
+                return Err(BuildError::Columns(names));
+            }
+            let types = described.into_iter().map(|(_, t)| t).collect();
+            let record = ShapeRecord { names, types };
+            self.store.put_shape(&found.query_hash, &found.rule.name, &found.shape, &record, now).await?;
+        }
+        let builds: Vec<BuildWindow> = claimed
+            .iter()
+            .map(|(window, id)| {
+                let age = Duration::from_micros(u64::try_from(now - window.end).unwrap_or(0));
+                BuildWindow {
+                    window: *window,
+                    job_id: id.clone(),
+                    expires_at: now + micros(self.settings().expiry_bands.lifetime(age)),
+                }
+            })
+            .collect();
+        let insert = rewrite::insert_statement(text, occ, &builds, &self.target(&found.rule))
+            .map_err(|e| BuildError::Statement(e.to_string()))?;
+        self.clickhouse.insert(&insert, context).await?;
+        let ids: Vec<String> = builds.iter().map(|b| b.job_id.clone()).collect();
+        let counts = self.clickhouse.count_by_job(&found.rule, occ.team_id, &ids).await?;
+        let computed_at = now_micros();
+        let built: Vec<Built> = builds
+            .iter()
+            .map(|b| Built {
+                id: b.job_id.clone(),
+                rows: counts.get(&b.job_id).copied().unwrap_or(0),
+                expires_at: b.expires_at,
+            })
+            .collect();
+        let marked = self.store.mark_ready(&built, &self.owner, computed_at).await?;
+        if marked < built.len() {
+            tracing::warn!(taken_over = built.len() - marked, "jobs were taken over before they were marked ready");
+        }
+        let total = built.iter().map(|b| b.rows).sum();
+        Ok(total)
+    }
+
+    /// Renews the leases of `ids` until the returned task is aborted.
+    fn renew_leases(&self, ids: Vec<String>) -> tokio::task::JoinHandle<()> {
+        let store = self.store.clone();
+        let owner = self.owner.clone();
+        let lease = self.settings().lease;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(lease / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(error) = store.renew(&ids, &owner, now_micros() + micros(lease)).await {
+                    tracing::warn!(%error, "cannot renew build leases");
+                }
+            }
+        })
+    }
+
+    /// Builds every sealed, missing window of a query's occurrences and waits for them (the
+    /// warm-up of seed 004: build before the first viewer asks). Returns windows built per
+    /// occurrence.
+    pub async fn warm(self: &Arc<Self>, context: &QueryContext, text: &str) -> Result<Vec<usize>, WarmError> {
+        let analysis = self.analyze(context, text).map_err(WarmError::NotRewritable)?;
+        let text: Arc<str> = Arc::from(text);
+        let mut built = Vec::new();
+        for found in &analysis.found {
+            let (_, missing) = self.plan(found, now_micros()).await.map_err(WarmError::NotRewritable)?;
+            let buildable = missing.buildable;
+            if buildable.is_empty() {
+                built.push(0);
+                continue;
+            }
+            let count = Arc::clone(self)
+                .build(found.clone(), Arc::clone(&text), self.statement_context(&analysis, context), buildable)
+                .await
+                .map_err(|e| WarmError::Build(e.to_string()))?;
+            built.push(count);
+        }
+        Ok(built)
+    }
+
+    /// Whether the store and ClickHouse answer.
+    pub async fn readiness(&self) -> Result<(), String> {
+        self.store.ping().await.map_err(|e| e.to_string())?;
+        self.clickhouse.ping().await.map_err(|e| e.to_string())
+    }
+
+    /// Expires jobs whose rows a rewritten query found missing, so the next query rebuilds them.
+    pub async fn expire_jobs(&self, ids: &[String]) {
+        tracing::warn!(jobs = ids.len(), "preaggregated rows missing in ClickHouse; expiring the jobs");
+        if let Err(error) = self.store.expire_jobs(ids, now_micros(), "rows missing in ClickHouse").await {
+            tracing::warn!(%error, "cannot expire jobs");
+        }
+        self.jobs.invalidate_all();
+    }
+
+    /// Drops cached lookups (after an invalidation through the admin API).
+    pub fn forget_cached_jobs(&self) {
+        self.jobs.invalidate_all();
+    }
+}
+
+/// Why a warm-up did not build.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmError {
+    /// The query has no rewritable occurrence.
+    #[error("the query is not rewritable: {0}")]
+    NotRewritable(Reason),
+    /// A build failed.
+    #[error("build failed: {0}")]
+    Build(String),
+}

@@ -1,0 +1,328 @@
+//! The request path, in phases:
+//!
+//! 1. **classify**: is this ClickHouse's query endpoint, an INSERT, external data?
+//! 2. **read**: buffer the body (up to `max_body_bytes`) and assemble the query text the way
+//!    ClickHouse does (`query` parameter, line feed, decoded body);
+//! 3. **decide**: ask the engine whether the text can be served from preaggregates;
+//! 4. **forward**: send the original bytes, or the rewritten text, to the upstream; a rewritten
+//!    query that fails there is retried as the original;
+//! 5. **respond**: stream the upstream's answer back unchanged, plus `X-Preagg`.
+//!
+//! Every failure before forwarding becomes a pass-through with a reason code; failures of the
+//! upstream itself become ClickHouse-style 502/504 answers.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::config::{Config, Mode};
+use crate::http::access::{AccessRecord, LoggedBody, RequestLog};
+use crate::http::forward::{self, ProxyBody, Upstream, error_response};
+use crate::http::request::{self, QueryText, StatementKind, TextPart, UrlParams};
+use crate::metrics as m;
+use crate::outcome::{Outcome, Reason};
+use crate::preagg::{Decision, Deferred, Engine, QueryContext};
+use crate::shadow::{Shadow, ShadowRequest};
+
+/// Paths ClickHouse serves with static handlers; every other path runs queries.
+const STATIC_PATHS: &[&str] = &["/ping", "/replicas_status", "/play", "/dashboard", "/binary", "/merges"];
+
+/// The engine, once the job store is connected (queries pass through until then).
+pub type EngineSlot = Arc<OnceLock<Arc<Engine>>>;
+
+/// The proxy: one upstream, one engine.
+pub struct Proxy {
+    upstream: Upstream,
+    engine: EngineSlot,
+    shadow: Option<Arc<Shadow>>,
+    started_off: bool,
+    max_body_bytes: AtomicUsize,
+}
+
+/// A request body read as far as needed.
+enum ReadBody {
+    /// The whole body, within the cap.
+    Complete(Bytes),
+    /// The cap was passed: what was read, and the rest still arriving.
+    Overflow { prefix: Vec<Bytes>, rest: Incoming },
+}
+
+/// How the request will be forwarded.
+enum Forward {
+    /// The original request, body streaming through.
+    Stream(Incoming),
+    /// The original request with a body already read (prefix + rest, or whole).
+    Prefixed(Vec<Bytes>, Incoming),
+    /// The original request with its complete body.
+    Original(Bytes),
+}
+
+impl Proxy {
+    /// A proxy forwarding to the configured upstream; the engine is filled in once it connects.
+    pub fn new(config: &Config, engine: EngineSlot, shadow: Option<Arc<Shadow>>) -> Proxy {
+        Proxy {
+            upstream: Upstream::new(config.upstream.clone(), config.connect_timeout, config.upstream_timeout),
+            engine,
+            shadow,
+            started_off: config.mode == Mode::Off,
+            max_body_bytes: AtomicUsize::new(config.max_body_bytes),
+        }
+    }
+
+    /// Applies the reloadable settings of a new configuration.
+    pub fn reload(&self, config: &Config) {
+        self.max_body_bytes.store(config.max_body_bytes, Ordering::Relaxed);
+    }
+
+    /// Handles one request from a client.
+    pub async fn handle(self: Arc<Self>, request: http::Request<Incoming>, _peer: SocketAddr) -> Response<LoggedBody> {
+        let (parts, body) = request.into_parts();
+        // Logged and counted even if the client hangs up before the response exists.
+        let mut log = RequestLog::start(parts.method.to_string(), parts.uri.path().to_string());
+        let mut deferred = Deferred::default();
+        let (mut response, outcome) = self.route(parts, body, &mut log.record, &mut deferred).await;
+        if let Ok(value) = HeaderValue::from_str(&outcome.header_value()) {
+            response.headers_mut().insert("x-preagg", value);
+        }
+        log.record.status = response.status().as_u16();
+        log.record.outcome = outcome.label();
+        log.on_finish(move || deferred.start());
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, log.into_body(body))
+    }
+
+    async fn route(
+        &self,
+        parts: Parts,
+        body: Incoming,
+        record: &mut AccessRecord,
+        deferred: &mut Deferred,
+    ) -> (Response<ProxyBody>, Outcome) {
+        // Phase 1: classify.
+        if STATIC_PATHS.contains(&parts.uri.path()) {
+            return self.forward(&parts, Forward::Stream(body), Reason::NotQueryEndpoint).await;
+        }
+        let params = UrlParams::from_uri(&parts.uri);
+        let url_query = params.get("query");
+        if url_query.as_deref().map(request::statement_kind) == Some(StatementKind::Insert) {
+            record.kind = StatementKind::Insert.as_str();
+            return self.forward(&parts, Forward::Stream(body), Reason::Insert).await;
+        }
+        if request::is_multipart(&parts.headers) {
+            return self.forward(&parts, Forward::Stream(body), Reason::ExternalData).await;
+        }
+
+        // Phase 2: read the query text.
+        let encoding = request::content_encoding(&parts.headers);
+        let max_body_bytes = self.max_body_bytes.load(Ordering::Relaxed);
+        let raw = match read_body(body, max_body_bytes).await {
+            Ok(ReadBody::Complete(raw)) => raw,
+            Ok(ReadBody::Overflow { prefix, rest }) => {
+                let head: Vec<u8> = prefix.iter().flat_map(|b| b.iter().copied()).take(64 * 1024).collect();
+                let text = request::decode_prefix(&head, encoding.as_deref(), 4096);
+                if request::statement_kind(&String::from_utf8_lossy(&text)) == StatementKind::Insert {
+                    record.kind = StatementKind::Insert.as_str();
+                    return self.forward(&parts, Forward::Prefixed(prefix, rest), Reason::Insert).await;
+                }
+                let message = format!(
+                    "request body is larger than max_body_bytes ({max_body_bytes} bytes); only INSERT data may be larger"
+                );
+                let response = error_response(StatusCode::PAYLOAD_TOO_LARGE, 1002, "PREAGG_BODY_TOO_LARGE", &message);
+                return (response, Outcome::Passthrough(Reason::NotSelect));
+            }
+            Err(error) => {
+                let message = format!("cannot read the request body: {error}");
+                let response = error_response(StatusCode::BAD_REQUEST, 1001, "PREAGG_BAD_REQUEST", &message);
+                return (response, Outcome::Passthrough(Reason::NotSelect));
+            }
+        };
+        let text = match query_text(url_query, &raw, encoding.as_deref(), max_body_bytes) {
+            Ok(text) => text,
+            // ClickHouse will answer a body it cannot read; the proxy does not second-guess it.
+            Err(_) => return self.forward(&parts, Forward::Original(raw), Reason::NotSelect).await,
+        };
+        let full = text.full();
+        let kind = request::statement_kind(&full);
+        record.kind = kind.as_str();
+        record.query_bytes = full.len();
+        match kind {
+            StatementKind::Select => {}
+            StatementKind::Insert => return self.forward(&parts, Forward::Original(raw), Reason::Insert).await,
+            StatementKind::Other | StatementKind::Empty => {
+                return self.forward(&parts, Forward::Original(raw), Reason::NotSelect).await;
+            }
+        }
+
+        // Phase 3: decide.
+        if self.started_off {
+            return self.forward(&parts, Forward::Original(raw), Reason::ModeOff).await;
+        }
+        let Some(engine) = self.engine.get() else {
+            return self.forward(&parts, Forward::Original(raw), Reason::StoreUnavailable).await;
+        };
+        let context = QueryContext::from_request(&params, &parts.headers);
+        match engine.decide(&context, &full, deferred).await {
+            Decision::Forward(reason) => self.forward(&parts, Forward::Original(raw), reason).await,
+            Decision::Rewrite { text: rewritten, summary, shadow: true } => {
+                if let Some(shadow) = &self.shadow {
+                    let (params, headers, path) = ShadowRequest::capture(&params, &parts.headers, parts.uri.path());
+                    shadow.offer(ShadowRequest {
+                        rule: summary.rule.clone(),
+                        hashes: rewritten.hashes,
+                        job_ids: rewritten.job_ids,
+                        original: full.clone(),
+                        rewritten: rewritten.text,
+                        path,
+                        params,
+                        headers,
+                    });
+                }
+                self.forward(&parts, Forward::Original(raw), Reason::Shadow).await
+            }
+            Decision::Rewrite { text: rewritten, summary, shadow: false } => {
+                let start = rewritten.first_change;
+                let end = rewritten.last_change_in_original;
+                let part = text.part_of(start, end);
+                tracing::debug!(rewritten = %rewritten.text, hashes = ?rewritten.hashes, "rewritten query");
+                match text.split_edited(&rewritten.text, part) {
+                    Some(edited) => {
+                        let (response, outcome) = self
+                            .forward_rewritten(Arc::clone(engine), &parts, edited, part, raw, rewritten.job_ids)
+                            .await;
+                        (response, outcome.unwrap_or(Outcome::Rewritten(summary)))
+                    }
+                    None => self.forward(&parts, Forward::Original(raw), Reason::SplitQuery).await,
+                }
+            }
+        }
+    }
+
+    /// Phase 4 for untouched requests.
+    async fn forward(&self, parts: &Parts, how: Forward, reason: Reason) -> (Response<ProxyBody>, Outcome) {
+        let outcome = Outcome::Passthrough(reason);
+        let body = match how {
+            Forward::Stream(body) => forward::streaming(body),
+            Forward::Prefixed(prefix, rest) => forward::prefixed(prefix, rest),
+            Forward::Original(raw) => forward::full(raw),
+        };
+        let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        (self.send(parts, path, parts.headers.clone(), body).await, outcome)
+    }
+
+    /// Phase 4 for rewritten requests: on an upstream error status the original is sent instead,
+    /// so the client sees exactly what ClickHouse says about its own query.
+    async fn forward_rewritten(
+        &self,
+        engine: Arc<Engine>,
+        parts: &Parts,
+        text: QueryText,
+        part: TextPart,
+        original: Bytes,
+        job_ids: Vec<String>,
+    ) -> (Response<ProxyBody>, Option<Outcome>) {
+        let mut headers = parts.headers.clone();
+        let (path, body) = match part {
+            TextPart::Url => {
+                let params = UrlParams::from_uri(&parts.uri);
+                let query = params.with_query(text.url_part.as_deref().unwrap_or(""));
+                (format!("{}?{query}", parts.uri.path()), forward::full(original.clone()))
+            }
+            _ => {
+                let body = Bytes::from(text.body_part.clone().unwrap_or_default());
+                headers.remove(header::CONTENT_ENCODING);
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                let path = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
+                (path, forward::full(body))
+            }
+        };
+        let response = self.send(parts, &path, headers, body).await;
+        if response.status().is_success() {
+            return (response, None);
+        }
+        let status = response.status();
+        let error = error_text(response).await;
+        tracing::warn!(%status, error = %error.trim(), "rewritten query failed upstream; sending the original");
+        if error.contains(crate::sql::rewrite::ROWS_MISSING) {
+            engine.expire_jobs(&job_ids).await;
+        }
+        let (response, _) = self.forward(parts, Forward::Original(original), Reason::RewrittenQueryFailed).await;
+        (response, Some(Outcome::Passthrough(Reason::RewrittenQueryFailed)))
+    }
+
+    /// Sends to the upstream and turns transport failures into ClickHouse-style answers.
+    async fn send(&self, parts: &Parts, path: &str, headers: HeaderMap, body: ProxyBody) -> Response<ProxyBody> {
+        let started = Instant::now();
+        match self.upstream.send(parts.method.clone(), path, headers, body).await {
+            Ok(response) => {
+                m::upstream_latency(started.elapsed());
+                let (mut parts, body) = response.into_parts();
+                forward::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, forward::streaming(body))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "upstream request failed");
+                error.to_response()
+            }
+        }
+    }
+}
+
+/// The start (64 KiB at most) of an error answer's body.
+async fn error_text(response: Response<ProxyBody>) -> String {
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while text.len() < 64 * 1024 {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    text.extend_from_slice(&data);
+                }
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// Reads the body whole if it fits under `cap`.
+async fn read_body(mut body: Incoming, cap: usize) -> Result<ReadBody, hyper::Error> {
+    let mut chunks = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            total += data.len();
+            chunks.push(data);
+            if total > cap {
+                return Ok(ReadBody::Overflow { prefix: chunks, rest: body });
+            }
+        }
+    }
+    let mut all = BytesMut::with_capacity(total);
+    for chunk in chunks {
+        all.extend_from_slice(&chunk);
+    }
+    Ok(ReadBody::Complete(all.freeze()))
+}
+
+/// The query text of a buffered request.
+fn query_text(
+    url_query: Option<String>,
+    raw: &Bytes,
+    encoding: Option<&str>,
+    cap: usize,
+) -> Result<QueryText, request::RequestError> {
+    let body_part = if raw.is_empty() {
+        None
+    } else {
+        let decoded = request::decode_body(raw, encoding, cap)?;
+        Some(String::from_utf8(decoded.to_vec()).map_err(|_| request::RequestError::NotUtf8)?)
+    };
+    Ok(QueryText { url_part: url_query, body_part })
+}

@@ -1,0 +1,523 @@
+//! Rule files: what a rewritable subquery looks like and how its columns re-aggregate.
+//!
+//! A rule is data (`rules/*.toml`), loaded and validated at start. Patterns are ClickHouse
+//! expressions in which `$name` stands for any sub-expression (the same name must bind equal
+//! expressions everywhere); column references are written `<source table>.<column>` and match
+//! however the query spells that column. Merge templates are expressions over stored columns (by
+//! their rule names) and pattern variables.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sqlparser::ast::Expr;
+use sqlparser::dialect::ClickHouseDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::Token;
+
+use crate::config::Mode;
+use crate::sql::tokens::Tokens;
+
+/// A rule file that cannot be used; the message names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    /// The rules directory cannot be read.
+    #[error("rules directory {dir}: {message}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file is unreadable or not valid TOML for a rule.
+    #[error("rule file {file}: {message}")]
+    File {
+        /// The rule file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A field has an invalid value.
+    #[error("rule file {file}: field `{field}`: {message}")]
+    Field {
+        /// The rule file.
+        file: PathBuf,
+        /// The field, as a path such as `column[2].forms[0].query`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A loaded, validated rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Unique rule name (joins the query hash).
+    pub name: String,
+    /// Version; bump it when the rule's meaning changes (joins the query hash).
+    pub version: u32,
+    /// Human description.
+    pub description: String,
+    /// File the rule came from.
+    pub file: PathBuf,
+    /// Strings that must all occur in a query before it is tokenized.
+    pub prefilter: Vec<String>,
+    /// Per-rule mode override (`shadow` to trial one rule in production).
+    pub mode: Option<Mode>,
+    /// The table the pattern reads.
+    pub source: SourceTable,
+    /// The table that holds preaggregates.
+    pub target: TargetTable,
+    /// Conjuncts the WHERE must contain, besides the team equality and the time bounds.
+    pub predicates: Vec<Predicate>,
+    /// Output columns other than the entity key.
+    pub columns: Vec<ColumnRule>,
+}
+
+/// The source table of a rule.
+#[derive(Debug, Clone)]
+pub struct SourceTable {
+    /// Table name as written in FROM (optionally aliased).
+    pub table: String,
+    /// Raw time column; bounds must compare it (or `toTimeZone` of it) with literals.
+    pub time_column: String,
+    /// Timezone of the time column's type (reads bare string bounds).
+    pub time_column_timezone: chrono_tz::Tz,
+    /// Fractional-second digits of the time column (0 to 6).
+    pub time_column_precision: u32,
+    /// Team column; the WHERE must test it for equality with an integer literal.
+    pub team_column: String,
+}
+
+/// The preaggregate table of a rule.
+#[derive(Debug, Clone)]
+pub struct TargetTable {
+    /// Table name (in the configured preaggregate database).
+    pub table: String,
+    /// Output alias of the GROUP BY key (stored as String).
+    pub entity: String,
+}
+
+/// A required predicate.
+#[derive(Debug, Clone)]
+pub struct Predicate {
+    /// Name for messages.
+    pub name: String,
+    /// Accepted spellings.
+    pub patterns: Vec<Pattern>,
+}
+
+/// An output column the rule can re-aggregate.
+#[derive(Debug, Clone)]
+pub struct ColumnRule {
+    /// Output alias in the query, and stored column name.
+    pub name: String,
+    /// ClickHouse type of the stored column.
+    pub stored_type: String,
+    /// How to compute the stored value when the query does not project this column but a merge
+    /// needs it (a pattern over variables bound elsewhere, e.g. `min($t)`).
+    pub derive: Option<Template>,
+    /// Accepted query forms with their merges.
+    pub forms: Vec<Form>,
+}
+
+/// One accepted spelling of a column and how it re-aggregates.
+#[derive(Debug, Clone)]
+pub struct Form {
+    /// Pattern the projected expression must match.
+    pub query: Pattern,
+    /// Re-aggregation over stored columns.
+    pub merge: Template,
+}
+
+/// A parsed pattern expression.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    /// Source text.
+    pub text: String,
+    /// Parsed form; `$name` placeholders are variables.
+    pub expr: Expr,
+}
+
+/// An output template: an expression whose `$name` tokens are replaced by bound sub-expressions
+/// and whose stored-column words are replaced by their inner names.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// Source text.
+    pub text: String,
+}
+
+impl Template {
+    /// Renders the template: `$var` tokens via `var`, unquoted words naming stored columns via
+    /// `column`; all other bytes are copied.
+    pub fn render(
+        &self,
+        mut var: impl FnMut(&str) -> Option<String>,
+        mut column: impl FnMut(&str) -> Option<String>,
+    ) -> Option<String> {
+        let tokens = Tokens::new(&self.text).ok()?;
+        let mut out = String::with_capacity(self.text.len() + 32);
+        let mut copied = 0;
+        for (i, tok) in tokens.toks.iter().enumerate() {
+            let is_column = tokens.get(i + 1) != Some(&Token::LParen)
+                && tokens.get(i + 1) != Some(&Token::Period)
+                && (i == 0 || tokens.get(i - 1) != Some(&Token::Period));
+            let replacement = match &tok.token {
+                Token::Placeholder(p) => Some(var(p.strip_prefix('$')?)?),
+                Token::Word(w) if w.quote_style.is_none() && is_column => column(&w.value),
+                _ => None,
+            };
+            if let Some(replacement) = replacement {
+                out.push_str(&self.text[copied..tok.bytes.start]);
+                out.push_str(&replacement);
+                copied = tok.bytes.end;
+            }
+        }
+        out.push_str(&self.text[copied..]);
+        Some(out)
+    }
+
+    /// Variables (`$name`) used by the template.
+    pub fn variables(&self) -> BTreeSet<String> {
+        placeholders(&self.text)
+    }
+}
+
+fn placeholders(text: &str) -> BTreeSet<String> {
+    Tokens::new(text)
+        .map(|t| {
+            t.toks
+                .iter()
+                .filter_map(|tok| match &tok.token {
+                    Token::Placeholder(p) => p.strip_prefix('$').map(str::to_string),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Rule {
+    /// The column rule named `name`.
+    pub fn column(&self, name: &str) -> Option<&ColumnRule> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    name: String,
+    version: u32,
+    #[serde(default)]
+    description: String,
+    prefilter: Vec<String>,
+    mode: Option<String>,
+    source: SourceFile,
+    target: TargetFile,
+    #[serde(default)]
+    predicate: Vec<PredicateFile>,
+    column: Vec<ColumnFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceFile {
+    table: String,
+    time_column: String,
+    time_column_timezone: String,
+    time_column_precision: u32,
+    team_column: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetFile {
+    table: String,
+    entity: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PredicateFile {
+    name: String,
+    patterns: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ColumnFile {
+    name: String,
+    #[serde(rename = "type")]
+    stored_type: String,
+    derive: Option<String>,
+    forms: Vec<FormFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FormFile {
+    query: String,
+    merge: String,
+}
+
+/// Loads every `*.toml` file of `dir`, in name order. Rule names must be unique.
+pub fn load_dir(dir: &Path) -> Result<Vec<Rule>, RuleError> {
+    let dir_error = |message: String| RuleError::Dir { dir: dir.to_path_buf(), message };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| dir_error(e.to_string()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    let mut rules = Vec::new();
+    let mut names = HashSet::new();
+    for file in files {
+        let rule = load_file(&file)?;
+        if !names.insert(rule.name.clone()) {
+            return Err(field_error(&file, "name", format!("another rule file already uses the name `{}`", rule.name)));
+        }
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+fn field_error(file: &Path, field: impl Into<String>, message: impl Into<String>) -> RuleError {
+    RuleError::Field { file: file.to_path_buf(), field: field.into(), message: message.into() }
+}
+
+/// Loads and validates one rule file.
+pub fn load_file(file: &Path) -> Result<Rule, RuleError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| RuleError::File { file: file.to_path_buf(), message: e.to_string() })?;
+    parse_rule(&text, file)
+}
+
+/// Parses and validates rule text; `file` names it in errors.
+pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
+    let raw: RuleFile =
+        toml::from_str(text).map_err(|e| RuleError::File { file: file.to_path_buf(), message: e.to_string() })?;
+    let err = |field: &str, message: String| field_error(file, field, message);
+
+    identifier(&raw.name).map_err(|m| err("name", m))?;
+    if raw.version == 0 {
+        return Err(err("version", "must be 1 or more".into()));
+    }
+    if raw.prefilter.is_empty() || raw.prefilter.iter().any(String::is_empty) {
+        return Err(err("prefilter", "needs at least one non-empty string".into()));
+    }
+    let mode = match raw.mode.as_deref() {
+        None => None,
+        Some("rewrite") => Some(Mode::Rewrite),
+        Some("shadow") => Some(Mode::Shadow),
+        Some("off") => Some(Mode::Off),
+        Some(other) => return Err(err("mode", format!("`{other}` is not one of rewrite, shadow, off"))),
+    };
+    let s = &raw.source;
+    identifier(&s.table).map_err(|m| err("source.table", m))?;
+    identifier(&s.time_column).map_err(|m| err("source.time_column", m))?;
+    identifier(&s.team_column).map_err(|m| err("source.team_column", m))?;
+    let time_column_timezone: chrono_tz::Tz = s
+        .time_column_timezone
+        .parse()
+        .map_err(|_| err("source.time_column_timezone", format!("`{}` is not a timezone", s.time_column_timezone)))?;
+    if s.time_column_precision > 6 {
+        return Err(err("source.time_column_precision", "must be between 0 and 6 (microseconds)".into()));
+    }
+    identifier(&raw.target.table).map_err(|m| err("target.table", m))?;
+    identifier(&raw.target.entity).map_err(|m| err("target.entity", m))?;
+
+    let mut predicates = Vec::new();
+    for (i, p) in raw.predicate.iter().enumerate() {
+        if p.patterns.is_empty() {
+            return Err(err(&format!("predicate[{i}].patterns"), "needs at least one pattern".into()));
+        }
+        let patterns = p
+            .patterns
+            .iter()
+            .enumerate()
+            .map(|(j, text)| {
+                let expr = parse_pattern(text).map_err(|m| err(&format!("predicate[{i}].patterns[{j}]"), m))?;
+                Ok(Pattern { text: text.clone(), expr })
+            })
+            .collect::<Result<_, _>>()?;
+        predicates.push(Predicate { name: p.name.clone(), patterns });
+    }
+
+    let column_names: HashSet<&str> = raw.column.iter().map(|c| c.name.as_str()).collect();
+    if column_names.len() != raw.column.len() {
+        return Err(err("column", "column names must be unique".into()));
+    }
+    if raw.column.is_empty() {
+        return Err(err("column", "needs at least one column".into()));
+    }
+    let mut columns = Vec::new();
+    for (i, c) in raw.column.iter().enumerate() {
+        let field = |name: &str| format!("column[{i}].{name}");
+        identifier(&c.name).map_err(|m| err(&field("name"), m))?;
+        if c.name == raw.target.entity {
+            return Err(err(&field("name"), "the entity key is not a column".into()));
+        }
+        if c.stored_type.trim().is_empty() {
+            return Err(err(&field("type"), "is empty".into()));
+        }
+        if c.forms.is_empty() {
+            return Err(err(&field("forms"), "needs at least one form".into()));
+        }
+        let derive = match &c.derive {
+            Some(text) => {
+                parse_pattern(text).map_err(|m| err(&field("derive"), m))?;
+                Some(Template { text: text.clone() })
+            }
+            None => None,
+        };
+        let mut forms = Vec::new();
+        for (j, f) in c.forms.iter().enumerate() {
+            let expr = parse_pattern(&f.query).map_err(|m| err(&field(&format!("forms[{j}].query")), m))?;
+            let query = Pattern { text: f.query.clone(), expr };
+            let merge = Template { text: f.merge.clone() };
+            validate_merge(&merge, &query, &column_names).map_err(|m| err(&field(&format!("forms[{j}].merge")), m))?;
+            forms.push(Form { query, merge });
+        }
+        columns.push(ColumnRule { name: c.name.clone(), stored_type: c.stored_type.clone(), derive, forms });
+    }
+    for (i, c) in columns.iter().enumerate() {
+        for form in &c.forms {
+            for needed in merge_columns(&form.merge, &column_names) {
+                let target = columns.iter().find(|x| x.name == needed);
+                if needed != c.name && target.is_some_and(|t| t.derive.is_none()) {
+                    return Err(err(
+                        &format!("column[{i}].forms"),
+                        format!("merge reads `{needed}`, which has no `derive` for queries that do not project it"),
+                    ));
+                }
+            }
+        }
+    }
+
+    Ok(Rule {
+        name: raw.name,
+        version: raw.version,
+        description: raw.description,
+        file: file.to_path_buf(),
+        prefilter: raw.prefilter,
+        mode,
+        source: SourceTable {
+            table: s.table.clone(),
+            time_column: s.time_column.clone(),
+            time_column_timezone,
+            time_column_precision: s.time_column_precision,
+            team_column: s.team_column.clone(),
+        },
+        target: TargetTable { table: raw.target.table, entity: raw.target.entity },
+        predicates,
+        columns,
+    })
+}
+
+/// Parses a pattern expression, requiring the whole text to be one expression.
+pub fn parse_pattern(text: &str) -> Result<Expr, String> {
+    let dialect = ClickHouseDialect {};
+    let mut parser = Parser::new(&dialect).try_with_sql(text).map_err(|e| e.to_string())?;
+    let expr = parser.parse_expr().map_err(|e| e.to_string())?;
+    if parser.peek_token().token != Token::EOF {
+        return Err(format!("unexpected text after the expression: `{}`", parser.peek_token().token));
+    }
+    Ok(expr)
+}
+
+fn validate_merge(merge: &Template, query: &Pattern, columns: &HashSet<&str>) -> Result<(), String> {
+    let bound = placeholders(&query.text);
+    if let Some(unbound) = merge.variables().difference(&bound).next() {
+        return Err(format!("uses `${unbound}`, which the query pattern does not bind"));
+    }
+    if merge_columns(merge, columns).is_empty() {
+        return Err("reads no stored column".into());
+    }
+    let probe = merge.render(|_| Some("NULL".into()), |_| None).ok_or("does not tokenize")?;
+    parse_pattern(&probe).map(|_| ())
+}
+
+/// Stored columns a merge template reads.
+fn merge_columns(merge: &Template, columns: &HashSet<&str>) -> BTreeSet<String> {
+    let mut used = BTreeSet::new();
+    merge.render(
+        |_| Some(String::new()),
+        |word| {
+            if columns.contains(word) {
+                used.insert(word.to_string());
+            }
+            None
+        },
+    );
+    used
+}
+
+fn identifier(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit());
+    if ok { Ok(()) } else { Err(format!("`{s}` is not a plain identifier")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        name = "r"
+        version = 1
+        prefilter = ["x"]
+        [source]
+        table = "events"
+        time_column = "timestamp"
+        time_column_timezone = "UTC"
+        time_column_precision = 6
+        team_column = "team_id"
+        [target]
+        table = "t"
+        entity = "entity_id"
+        [[column]]
+        name = "first"
+        type = "DateTime64(6, 'UTC')"
+        derive = "min($t)"
+        forms = [{ query = "min($t)", merge = "min(first)" }]
+        [[column]]
+        name = "uuid"
+        type = "UUID"
+        forms = [{ query = "argMin($x, $t)", merge = "argMin(uuid, first)" }]
+    "#;
+
+    #[test]
+    fn the_shipped_rules_load() {
+        let rules = load_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules"))).unwrap();
+        assert!(rules.iter().any(|r| r.name == "experiment_exposures"));
+    }
+
+    #[test]
+    fn a_minimal_rule_loads_and_renders() {
+        let rule = parse_rule(MINIMAL, Path::new("r.toml")).unwrap();
+        let merge = &rule.column("uuid").unwrap().forms[0].merge;
+        let out = merge.render(|_| None, |c| Some(format!("__{c}"))).unwrap();
+        // Function names and qualified names are never column references.
+        assert_eq!(out, "argMin(__uuid, __first)");
+    }
+
+    fn error_of(text: &str) -> String {
+        parse_rule(text, Path::new("bad.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let e = error_of(&MINIMAL.replace("\"min($t)\", merge", "\"min($t\", merge"));
+        assert!(e.contains("bad.toml") && e.contains("column[0].forms[0].query"), "{e}");
+        let e = error_of(&MINIMAL.replace("argMin(uuid, first)", "argMin(uuid, $nope)"));
+        assert!(e.contains("column[1].forms[0].merge") && e.contains("$nope"), "{e}");
+        let e = error_of(&MINIMAL.replace("time_column_timezone = \"UTC\"", "time_column_timezone = \"Mars/Base\""));
+        assert!(e.contains("source.time_column_timezone"), "{e}");
+        let e = error_of(&MINIMAL.replace("derive = \"min($t)\"\n", ""));
+        assert!(e.contains("column[1].forms") && e.contains("derive"), "{e}");
+        let e = error_of(&MINIMAL.replace("prefilter", "prefiltre"));
+        assert!(e.contains("bad.toml") && e.contains("prefiltre"), "{e}");
+    }
+}

@@ -1,0 +1,701 @@
+//! Deciding whether one candidate body is an occurrence of a rule, and recording where every piece
+//! of it is, so that it can be hashed and rewritten by byte offsets.
+//!
+//! The body (and only the body) is parsed with sqlparser's ClickHouse dialect; every check is a
+//! check on the AST. Byte ranges come from tokens: an AST node's span gives its first token, the
+//! range is extended until its brackets balance, and the cut is verified by parsing the cut text
+//! again and comparing it with the node.
+
+use std::collections::HashSet;
+use std::ops::Range;
+
+use sqlparser::ast::{
+    Expr, GroupByExpr, JoinConstraint, JoinOperator, Query, Select, SelectItem, SetExpr, Spanned, TableFactor,
+    TableWithJoins, Value,
+};
+use sqlparser::dialect::ClickHouseDialect;
+use sqlparser::keywords::Keyword;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::Token;
+
+use super::bounds::{self, Bound, Side, TimeTest};
+use super::locate::{Candidate, find_top_level};
+use super::pattern::{Bindings, Column, Matcher, Scope};
+use super::quote;
+use super::tokens::{Tokens, is_keyword};
+use crate::outcome::Reason;
+use crate::rules::{Rule, parse_pattern};
+
+/// Functions whose value depends on when, where or by whom a query runs: a body using one cannot
+/// be stored and served later.
+const NON_DETERMINISTIC: &[&str] = &[
+    "now",
+    "now64",
+    "nowinblock",
+    "today",
+    "yesterday",
+    "rand",
+    "rand32",
+    "rand64",
+    "randconstant",
+    "randuniform",
+    "randnormal",
+    "randlognormal",
+    "randexponential",
+    "randbernoulli",
+    "randbinomial",
+    "randcanonical",
+    "randomstring",
+    "randomfixedstring",
+    "randomprintableascii",
+    "randomstringutf8",
+    "generateuuidv4",
+    "generateuuidv7",
+    "generateulid",
+    "generatesnowflakeid",
+    "currentuser",
+    "user",
+    "currentroles",
+    "enabledroles",
+    "defaultroles",
+    "currentprofiles",
+    "hostname",
+    "fqdn",
+    "uptime",
+    "serveruuid",
+    "queryid",
+    "initialqueryid",
+    "rownumberinblock",
+    "rownumberinallblocks",
+    "blocknumber",
+    "blocksize",
+    "runningdifference",
+    "runningaccumulate",
+    "neighbor",
+    "timezone",
+    "servertimezone",
+    "currentdatabase",
+];
+
+/// The prefix of the names the rewrite gives stored columns inside its own subquery, so that
+/// merges never capture an output alias.
+pub const INNER_PREFIX: &str = "__preagg_";
+
+/// A time-bound conjunct and the time expression it compares.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BoundCut {
+    /// The bound.
+    pub bound: Bound,
+    /// Byte range of the whole conjunct (replaced in raw sub-ranges and builds).
+    pub conjunct: Range<usize>,
+    /// The time expression as written (reused in replacement conjuncts).
+    pub time_expr: String,
+}
+
+/// One projected column of an occurrence, in projection order.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutputColumn {
+    /// Output alias (and stored column name).
+    pub name: String,
+    /// Whether this is the entity key.
+    pub entity: bool,
+    /// Byte range of the whole item (`expr AS alias`).
+    pub item: Range<usize>,
+    /// Re-aggregation over inner stored columns (`None` for the entity key).
+    pub merge: Option<String>,
+}
+
+/// A stored column a merge needs that the query does not project.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DerivedColumn {
+    /// Stored column name.
+    pub name: String,
+    /// Expression computing it per window.
+    pub expr: String,
+}
+
+/// An occurrence of a rule's pattern in a query.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Occurrence {
+    /// Rule name.
+    pub rule: String,
+    /// Byte range of the body (between the parentheses, or the whole statement).
+    pub body: Range<usize>,
+    /// Token range of the body.
+    #[serde(skip)]
+    pub body_tokens: Range<usize>,
+    /// Team id (0 when the body has no team equality).
+    pub team_id: i64,
+    /// Byte ranges of the literals equal to the team id (abstracted in the hash).
+    #[serde(skip)]
+    pub team_tokens: Vec<usize>,
+    /// Lower bound.
+    pub lower: BoundCut,
+    /// Upper bound.
+    pub upper: BoundCut,
+    /// Half-open range `[start, end)` in microseconds.
+    pub range: (i64, i64),
+    /// The raw time column, qualified, for PREWHERE (`` `events`.`timestamp` ``).
+    pub time_column: String,
+    /// Byte offset of the body's `WHERE` keyword.
+    pub where_at: usize,
+    /// Byte offset just after the last projection item.
+    pub projection_end: usize,
+    /// Projected columns in order.
+    pub columns: Vec<OutputColumn>,
+    /// Stored columns computed only for merges.
+    pub derived: Vec<DerivedColumn>,
+}
+
+impl Occurrence {
+    /// Stored columns in the order raw sub-ranges and builds produce them: the projection, then
+    /// the derived columns.
+    pub fn stored_columns(&self) -> Vec<&str> {
+        self.columns.iter().map(|c| c.name.as_str()).chain(self.derived.iter().map(|d| d.name.as_str())).collect()
+    }
+}
+
+/// Matches one candidate body against `rule`.
+pub fn match_candidate(text: &str, tokens: &Tokens, candidate: &Candidate, rule: &Rule) -> Result<Occurrence, Reason> {
+    let range = candidate.body.clone();
+    let body_bytes = tokens.byte_span(range.clone());
+    if tokens.toks[range.clone()].iter().any(|t| t.token == Token::LBrace) {
+        return Err(Reason::QueryParameters);
+    }
+    if let Some(reason) = non_deterministic(tokens, range.clone()) {
+        return Err(reason);
+    }
+    let query = parse_body(tokens, range.clone())?;
+    let select = plain_select(&query)?;
+    let (scope, source_alias) = scope_of(select, rule)?;
+    let matcher = Matcher::new(&scope);
+    let cut = Cutter { text, tokens };
+
+    // Projection: every item is aliased; one is the entity key, the others are rule columns.
+    let items = projection_items(tokens, range.clone())?;
+    if items.len() != select.projection.len() {
+        return Err(Reason::Unlocatable);
+    }
+    let mut bindings = Bindings::new();
+    let mut entity_expr = None;
+    let mut matched = Vec::new();
+    let mut names = HashSet::new();
+    for (item, tokens_range) in select.projection.iter().zip(&items) {
+        let SelectItem::ExprWithAlias { expr, alias } = item else { return Err(Reason::UnknownAggregate) };
+        if !names.insert(alias.value.clone()) {
+            return Err(Reason::UnknownAggregate);
+        }
+        let item_bytes = tokens.byte_span(tokens_range.clone());
+        if alias.value == rule.target.entity {
+            entity_expr = Some(expr);
+            matched.push((alias.value.clone(), item_bytes, None));
+            continue;
+        }
+        let column = rule.column(&alias.value).ok_or(Reason::UnknownAggregate)?;
+        let form = column
+            .forms
+            .iter()
+            .find(|form| {
+                let mut trial = bindings.clone();
+                let ok = matcher.matches(&form.query.expr, expr, &mut trial);
+                if ok {
+                    bindings = trial;
+                }
+                ok
+            })
+            .ok_or(Reason::UnknownAggregate)?;
+        matched.push((alias.value.clone(), item_bytes, Some(form)));
+    }
+    let entity_expr = entity_expr.ok_or(Reason::UnsupportedGroupBy)?;
+    check_group_by(select, entity_expr, &rule.target.entity, &matcher)?;
+
+    // WHERE: bounds, team, required predicates.
+    let selection = select.selection.as_ref().ok_or(Reason::MissingBound)?;
+    let conjuncts = flatten_and(selection);
+    let time_tz = |e: &Expr| time_expression_tz(e, &scope, rule);
+    let (mut lower, mut upper) = (None, None);
+    let mut team: Option<(i64, usize)> = None;
+    for conjunct in &conjuncts {
+        match bounds::time_test(conjunct, &time_tz)? {
+            TimeTest::NonLiteral => return Err(Reason::NonLiteralBound),
+            TimeTest::Bound { time_expr, bound } => {
+                let slot = if bound.side == Side::Lower { &mut lower } else { &mut upper };
+                if slot.is_some() {
+                    return Err(Reason::AmbiguousBound);
+                }
+                let conjunct_range = cut.verified(conjunct).ok_or(Reason::Unlocatable)?;
+                let time_range = cut.verified(time_expr).ok_or(Reason::Unlocatable)?;
+                *slot = Some(BoundCut {
+                    bound,
+                    conjunct: tokens.byte_span(conjunct_range),
+                    time_expr: text[tokens.byte_span(time_range)].to_string(),
+                });
+            }
+            TimeTest::Other => {
+                if let Some(found) = team_equality(conjunct, &scope, &rule.source.team_column, tokens) {
+                    if team.is_some_and(|(id, _)| id != found.0) {
+                        return Err(Reason::MissingPredicate);
+                    }
+                    team = Some(found);
+                }
+            }
+        }
+    }
+    let (lower, upper) = (lower.ok_or(Reason::MissingBound)?, upper.ok_or(Reason::MissingBound)?);
+    for predicate in &rule.predicates {
+        let present = conjuncts
+            .iter()
+            .any(|c| predicate.patterns.iter().any(|p| matcher.matches(&p.expr, c, &mut Bindings::new())));
+        if !present {
+            return Err(Reason::MissingPredicate);
+        }
+    }
+    let range_micros = bounds::half_open(&lower.bound, &upper.bound, rule.source.time_column_precision);
+    if range_micros.0 >= range_micros.1 {
+        return Err(Reason::EmptyRange);
+    }
+
+    // Merges and the stored columns they need.
+    let projected: HashSet<String> = matched.iter().map(|(name, _, _)| name.clone()).collect();
+    let rule_columns: HashSet<&str> = rule.columns.iter().map(|c| c.name.as_str()).collect();
+    let bound_text = |name: &str| -> Option<String> {
+        let expr = bindings.get(name)?;
+        cut.verified(expr).map(|r| text[tokens.byte_span(r)].to_string())
+    };
+    let inner = |column: &str| rule_columns.contains(column).then(|| format!("{INNER_PREFIX}{column}"));
+    let mut columns = Vec::new();
+    let mut needed = Vec::new();
+    for (name, item, form) in matched {
+        let merge = match form {
+            None => None,
+            Some(form) => {
+                let merge = form.merge.render(bound_text, inner).ok_or(Reason::Unlocatable)?;
+                form.merge.render(
+                    |_| Some(String::new()),
+                    |word| {
+                        if rule_columns.contains(word) && !projected.contains(word) && !needed.iter().any(|n| n == word)
+                        {
+                            needed.push(word.to_string());
+                        }
+                        None
+                    },
+                );
+                Some(merge)
+            }
+        };
+        columns.push(OutputColumn { entity: merge.is_none(), name, item, merge });
+    }
+    let mut derived = Vec::new();
+    for name in needed {
+        let column = rule.column(&name).ok_or(Reason::UnknownAggregate)?;
+        let template = column.derive.as_ref().ok_or(Reason::UnknownAggregate)?;
+        let expr = template.render(bound_text, |_| None).ok_or(Reason::UnknownAggregate)?;
+        derived.push(DerivedColumn { name, expr });
+    }
+
+    let where_index =
+        find_top_level(tokens, range.clone(), |t| is_keyword(t, Keyword::WHERE)).ok_or(Reason::Unlocatable)?;
+    let projection_end = items.last().map(|r| tokens.byte_span(r.clone()).end).ok_or(Reason::Unlocatable)?;
+    let (team_id, team_tokens) = match team {
+        Some((id, _)) => (id, team_literal_tokens(tokens, range.clone(), id)),
+        None => (0, Vec::new()),
+    };
+    Ok(Occurrence {
+        rule: rule.name.clone(),
+        body: body_bytes,
+        body_tokens: range,
+        team_id,
+        team_tokens,
+        lower,
+        upper,
+        range: range_micros,
+        time_column: format!("{}.{}", quote::identifier(&source_alias), quote::identifier(&rule.source.time_column)),
+        where_at: tokens.toks[where_index].bytes.start,
+        projection_end,
+        columns,
+        derived,
+    })
+}
+
+/// What a cheap look at a candidate's tokens says, before any parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Candidacy {
+    /// Groups rows of the rule's source table: worth parsing.
+    Promising,
+    /// Groups rows of another table.
+    OtherTable,
+    /// Does not group rows of a table (reads a subquery, or has no GROUP BY).
+    Unrelated,
+}
+
+/// Cheap structural check before parsing: does the body group rows read from `table`?
+pub fn candidacy(tokens: &Tokens, candidate: &Candidate, table: &str) -> Candidacy {
+    let range = candidate.body.clone();
+    if find_top_level(tokens, range.clone(), |t| is_keyword(t, Keyword::GROUP)).is_none() {
+        return Candidacy::Unrelated;
+    }
+    let Some(from) = find_top_level(tokens, range, |t| is_keyword(t, Keyword::FROM)) else {
+        return Candidacy::Unrelated;
+    };
+    let word = |i: usize| match tokens.get(i) {
+        Some(Token::Word(w)) => Some(w.value.as_str()),
+        _ => None,
+    };
+    let name = if tokens.get(from + 2) == Some(&Token::Period) { word(from + 3) } else { word(from + 1) };
+    match name {
+        Some(name) if name == table => Candidacy::Promising,
+        Some(_) => Candidacy::OtherTable,
+        None => Candidacy::Unrelated,
+    }
+}
+
+fn non_deterministic(tokens: &Tokens, range: Range<usize>) -> Option<Reason> {
+    let toks = &tokens.toks[range];
+    toks.windows(2)
+        .any(|pair| {
+            pair[1].token == Token::LParen
+                && matches!(&pair[0].token, Token::Word(w) if w.quote_style.is_none()
+                && NON_DETERMINISTIC.contains(&w.value.to_ascii_lowercase().as_str()))
+        })
+        .then_some(Reason::NonDeterministic)
+}
+
+fn parse_body(tokens: &Tokens, range: Range<usize>) -> Result<Box<Query>, Reason> {
+    let dialect = ClickHouseDialect {};
+    let mut parser = Parser::new(&dialect).with_tokens_with_locations(tokens.for_parser(range));
+    let query = parser.parse_query().map_err(|_| Reason::BodyParseError)?;
+    if parser.peek_token().token != Token::EOF {
+        return Err(Reason::BodyParseError);
+    }
+    Ok(query)
+}
+
+/// The body must be one SELECT without clauses that change what a per-window aggregate means.
+fn plain_select(query: &Query) -> Result<&Select, Reason> {
+    let Query { with, body, order_by, limit_clause, fetch, locks, for_clause, settings, format_clause, pipe_operators } =
+        query;
+    if with.is_some() {
+        return Err(Reason::NotPlainSelect);
+    }
+    if order_by.is_some()
+        || limit_clause.is_some()
+        || fetch.is_some()
+        || !locks.is_empty()
+        || for_clause.is_some()
+        || settings.is_some()
+        || format_clause.is_some()
+        || !pipe_operators.is_empty()
+    {
+        return Err(Reason::UnsupportedClause);
+    }
+    let SetExpr::Select(select) = body.as_ref() else { return Err(Reason::NotPlainSelect) };
+    let s = select.as_ref();
+    let window_function = sqlparser::ast::visit_expressions(&s.projection, |e| match e {
+        Expr::Function(f) if f.over.is_some() => std::ops::ControlFlow::Break(()),
+        _ => std::ops::ControlFlow::Continue(()),
+    });
+    if window_function.is_break() {
+        return Err(Reason::UnsupportedClause);
+    }
+    let unsupported = s.distinct.is_some()
+        || s.top.is_some()
+        || s.into.is_some()
+        || !s.lateral_views.is_empty()
+        || s.prewhere.is_some()
+        || !s.connect_by.is_empty()
+        || !s.cluster_by.is_empty()
+        || !s.distribute_by.is_empty()
+        || !s.sort_by.is_empty()
+        || s.having.is_some()
+        || !s.named_window.is_empty()
+        || s.qualify.is_some()
+        || s.exclude.is_some()
+        || s.value_table_mode.is_some()
+        || s.select_modifiers.is_some();
+    if unsupported { Err(Reason::UnsupportedClause) } else { Ok(s) }
+}
+
+/// The FROM scope: the rule's source table (optionally aliased) with LEFT/INNER joins.
+fn scope_of(select: &Select, rule: &Rule) -> Result<(Scope, String), Reason> {
+    let [TableWithJoins { relation, joins }] = select.from.as_slice() else { return Err(Reason::OtherSourceTable) };
+    let TableFactor::Table { name, alias, args: None, with_hints, version: None, partitions, sample: None, .. } =
+        relation
+    else {
+        return Err(Reason::OtherSourceTable);
+    };
+    let table = name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()).ok_or(Reason::OtherSourceTable)?;
+    if table != rule.source.table || !with_hints.is_empty() || !partitions.is_empty() {
+        return Err(Reason::OtherSourceTable);
+    }
+    let alias = alias.as_ref().map(|a| a.name.value.clone());
+    if alias.as_ref().is_some_and(|_| relation_alias_has_columns(relation)) {
+        return Err(Reason::UnsupportedClause);
+    }
+    let mut scope = Scope { rule_table: rule.source.table.clone(), ..Scope::default() };
+    scope.source_names.push(table.clone());
+    if let Some(a) = &alias {
+        scope.source_names.push(a.clone());
+    }
+    for join in joins {
+        let supported = matches!(
+            &join.join_operator,
+            JoinOperator::Left(JoinConstraint::On(_))
+                | JoinOperator::LeftOuter(JoinConstraint::On(_))
+                | JoinOperator::Inner(JoinConstraint::On(_))
+                | JoinOperator::Join(JoinConstraint::On(_))
+        );
+        if !supported {
+            return Err(Reason::UnsupportedClause);
+        }
+        scope.joined.push(joined_relation(&join.relation)?);
+    }
+    scope.aliases = select
+        .projection
+        .iter()
+        .filter_map(|i| match i {
+            SelectItem::ExprWithAlias { alias, .. } => Some(alias.value.clone()),
+            _ => None,
+        })
+        .collect();
+    Ok((scope, alias.unwrap_or(table)))
+}
+
+fn relation_alias_has_columns(relation: &TableFactor) -> bool {
+    matches!(relation, TableFactor::Table { alias: Some(a), .. } if !a.columns.is_empty())
+}
+
+/// A joined relation's name and, for a subquery, the columns it outputs.
+fn joined_relation(relation: &TableFactor) -> Result<(String, Option<HashSet<String>>), Reason> {
+    match relation {
+        TableFactor::Derived { subquery, alias: Some(alias), .. } => {
+            let columns = match subquery.body.as_ref() {
+                SetExpr::Select(s) => s
+                    .projection
+                    .iter()
+                    .map(|item| match item {
+                        SelectItem::ExprWithAlias { alias, .. } => Some(alias.value.clone()),
+                        SelectItem::UnnamedExpr(Expr::Identifier(i)) => Some(i.value.clone()),
+                        SelectItem::UnnamedExpr(Expr::CompoundIdentifier(p)) => p.last().map(|i| i.value.clone()),
+                        _ => None,
+                    })
+                    .collect::<Option<HashSet<_>>>(),
+                _ => None,
+            };
+            Ok((alias.name.value.clone(), columns))
+        }
+        TableFactor::Table { name, alias, .. } => {
+            let name = alias
+                .as_ref()
+                .map(|a| a.name.value.clone())
+                .or_else(|| name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()))
+                .ok_or(Reason::UnsupportedClause)?;
+            Ok((name, None))
+        }
+        _ => Err(Reason::UnsupportedClause),
+    }
+}
+
+/// The timezone of a time expression: the raw time column (its type's timezone) or
+/// `toTimeZone(<time column>, '<tz>')`. Anything else (`toDate`, `toStartOfHour`, ...) may change
+/// instants and is not a time expression.
+fn time_expression_tz(e: &Expr, scope: &Scope, rule: &Rule) -> Option<chrono_tz::Tz> {
+    if scope.resolve(e) == Some(Column::Source(rule.source.time_column.clone())) {
+        return Some(rule.source.time_column_timezone);
+    }
+    let (name, args) = bounds::plain_call(e)?;
+    match (name.as_str(), args.as_slice()) {
+        ("toTimeZone", [inner, Expr::Value(v)]) => {
+            let Value::SingleQuotedString(tz) = &v.value else { return None };
+            (scope.resolve(inner) == Some(Column::Source(rule.source.time_column.clone())))
+                .then(|| tz.parse().ok())
+                .flatten()
+        }
+        _ => None,
+    }
+}
+
+/// `equals(team_column, N)`, `team_column = N` (either order): the team id and its token index.
+fn team_equality(e: &Expr, scope: &Scope, team_column: &str, tokens: &Tokens) -> Option<(i64, usize)> {
+    let (left, right) = match e {
+        Expr::BinaryOp { left, op: sqlparser::ast::BinaryOperator::Eq, right } => (left.as_ref(), right.as_ref()),
+        _ => {
+            let (name, args) = bounds::plain_call(e)?;
+            match (name.as_str(), args.as_slice()) {
+                ("equals", [l, r]) => (*l, *r),
+                _ => return None,
+            }
+        }
+    };
+    let team = Some(Column::Source(team_column.to_string()));
+    let literal = if scope.resolve(left) == team {
+        right
+    } else if scope.resolve(right) == team {
+        left
+    } else {
+        return None;
+    };
+    let Expr::Value(v) = literal else { return None };
+    let Value::Number(n, _) = &v.value else { return None };
+    Some((n.parse().ok()?, tokens.index_at(v.span.start)?))
+}
+
+/// Token indices of number literals equal to the team id.
+fn team_literal_tokens(tokens: &Tokens, range: Range<usize>, team: i64) -> Vec<usize> {
+    let team = team.to_string();
+    range.filter(|&i| matches!(tokens.get(i), Some(Token::Number(n, _)) if *n == team)).collect()
+}
+
+fn check_group_by(select: &Select, entity: &Expr, entity_name: &str, matcher: &Matcher) -> Result<(), Reason> {
+    let GroupByExpr::Expressions(keys, modifiers) = &select.group_by else { return Err(Reason::UnsupportedGroupBy) };
+    let [key] = keys.as_slice() else { return Err(Reason::UnsupportedGroupBy) };
+    let by_alias = matches!(key, Expr::Identifier(i) if i.value == entity_name);
+    if modifiers.is_empty() && (by_alias || matcher.equivalent(key, entity)) {
+        Ok(())
+    } else {
+        Err(Reason::UnsupportedGroupBy)
+    }
+}
+
+/// Conjuncts of a WHERE: `and(...)` calls, `AND` chains and parentheses are flattened.
+fn flatten_and(e: &Expr) -> Vec<&Expr> {
+    match e {
+        Expr::BinaryOp { left, op: sqlparser::ast::BinaryOperator::And, right } => {
+            let mut out = flatten_and(left);
+            out.extend(flatten_and(right));
+            out
+        }
+        Expr::Nested(inner)
+            if matches!(inner.as_ref(), Expr::BinaryOp { op: sqlparser::ast::BinaryOperator::And, .. }) =>
+        {
+            flatten_and(inner)
+        }
+        _ => match bounds::plain_call(e) {
+            Some((name, args)) if name.eq_ignore_ascii_case("and") && !args.is_empty() => {
+                args.into_iter().flat_map(flatten_and).collect()
+            }
+            _ => vec![e],
+        },
+    }
+}
+
+/// Token ranges of the projection items (between `SELECT` and the top-level `FROM`).
+fn projection_items(tokens: &Tokens, body: Range<usize>) -> Result<Vec<Range<usize>>, Reason> {
+    let from = find_top_level(tokens, body.clone(), |t| is_keyword(t, Keyword::FROM)).ok_or(Reason::Unlocatable)?;
+    let mut items = Vec::new();
+    let mut item_start = body.start + 1;
+    let mut depth = 0usize;
+    for i in body.start + 1..from {
+        match tokens.toks[i].token {
+            Token::LParen | Token::LBracket => depth += 1,
+            Token::RParen | Token::RBracket => depth = depth.saturating_sub(1),
+            Token::Comma if depth == 0 => {
+                items.push(item_start..i);
+                item_start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items.push(item_start..from);
+    if items.iter().any(|r| r.is_empty()) {
+        return Err(Reason::Unlocatable);
+    }
+    Ok(items)
+}
+
+/// Cuts AST nodes out of the text by tokens and checks each cut.
+struct Cutter<'a> {
+    text: &'a str,
+    tokens: &'a Tokens,
+}
+
+impl Cutter<'_> {
+    /// The token range of `expr`, verified by re-parsing the cut text.
+    fn verified(&self, expr: &Expr) -> Option<Range<usize>> {
+        let span = expr.span();
+        let start = self.tokens.index_at(span.start)?;
+        let end = self.tokens.balanced_end(start, self.tokens.count_before(span.end).max(start + 1))?;
+        let cut = &self.text[self.tokens.byte_span(start..end)];
+        (parse_pattern(cut).ok()? == *expr).then_some(start..end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::load_dir;
+    use crate::sql::locate::candidates;
+
+    fn rule() -> Rule {
+        load_dir(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules")))
+            .unwrap()
+            .into_iter()
+            .find(|r| r.name == "experiment_exposures")
+            .unwrap()
+    }
+
+    fn first(sql: &str) -> Result<Occurrence, Reason> {
+        let t = Tokens::new(sql).unwrap();
+        let c = candidates(&t)
+            .into_iter()
+            .find(|c| candidacy(&t, c, "events") == Candidacy::Promising)
+            .ok_or(Reason::NoCandidate)?;
+        match_candidate(sql, &t, &c, &rule())
+    }
+
+    const SEED: &str = "SELECT person_id AS entity_id, argMin(properties.$feature_flag_response, timestamp) AS variant, \
+        min(timestamp) AS first_exposure_time, max(timestamp) AS last_exposure_time, \
+        argMin(uuid, timestamp) AS exposure_event_uuid, argMin($session_id, timestamp) AS exposure_session_id \
+        FROM events WHERE event = '$feature_flag_called' AND properties.$feature_flag = 'my-experiment-flag' \
+        AND timestamp >= '2026-01-01' AND timestamp < '2026-01-15' GROUP BY person_id";
+
+    #[test]
+    fn the_seed_form_matches() {
+        let o = first(SEED).unwrap();
+        assert_eq!(o.team_id, 0);
+        assert!(o.lower.bound.inclusive && !o.upper.bound.inclusive);
+        assert_eq!(&SEED[o.lower.conjunct.clone()], "timestamp >= '2026-01-01'");
+        assert_eq!(o.time_column, "`events`.`timestamp`");
+        assert_eq!(o.columns.len(), 6);
+        assert_eq!(o.columns[1].merge.as_deref(), Some("argMin(__preagg_variant, __preagg_first_exposure_time)"));
+        assert!(o.derived.is_empty());
+    }
+
+    #[test]
+    fn a_missing_first_time_is_derived_for_argmin() {
+        let sql = SEED.replace("min(timestamp) AS first_exposure_time, ", "");
+        let o = first(&sql).unwrap();
+        assert_eq!(o.derived, [DerivedColumn { name: "first_exposure_time".into(), expr: "min(timestamp)".into() }]);
+    }
+
+    #[test]
+    fn refusals_have_reasons() {
+        let cases = [
+            (SEED.replace(" GROUP BY person_id", " GROUP BY person_id LIMIT 5"), Reason::UnsupportedClause),
+            (SEED.replace("GROUP BY person_id", "GROUP BY person_id, event"), Reason::UnsupportedGroupBy),
+            (SEED.replace("max(timestamp)", "sum(timestamp)"), Reason::UnknownAggregate),
+            (SEED.replace("timestamp >= '2026-01-01' AND ", ""), Reason::MissingBound),
+            (SEED.replace("'2026-01-01'", "now()"), Reason::NonDeterministic),
+            (SEED.replace("'2026-01-01'", "other_time"), Reason::NonLiteralBound),
+            (SEED.replace("'2026-01-15'", "'2026-01-01'"), Reason::EmptyRange),
+            (
+                SEED.replace(
+                    "event = '$feature_flag_called' AND",
+                    "event = '$pageview' AND '$feature_flag_called' != '' AND",
+                ),
+                Reason::MissingPredicate,
+            ),
+            (SEED.replace("'my-experiment-flag'", "{flag:String}"), Reason::QueryParameters),
+            (
+                SEED.replace(
+                    "AND timestamp < '2026-01-15'",
+                    "AND timestamp < '2026-01-15' AND timestamp < '2026-01-16'",
+                ),
+                Reason::AmbiguousBound,
+            ),
+            (SEED.replace("min(timestamp)", "min(timestamp) OVER ()"), Reason::UnsupportedClause),
+        ];
+        for (sql, reason) in cases {
+            assert_eq!(first(&sql).map(|_| ()), Err(reason), "{sql}");
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Writing the proxy's SQL from an occurrence: the replacement of a body (stored windows plus raw
+//! sub-ranges, re-aggregated), the INSERT that fills windows in one scan, and the DESCRIBE that
+//! learns the body's column types. Pure functions of the original text and plain values; text
+//! copied from the query is copied byte for byte, everything else goes through [`quote`].
+
+use std::ops::Range;
+
+use super::matcher::{INNER_PREFIX, Occurrence};
+use super::quote;
+use super::splice::{self, Edit, SpliceError};
+use crate::preagg::plan::ReadyJob;
+
+/// A window of time, half-open `[start, end)` in microseconds (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Window {
+    /// Start (inclusive).
+    pub start: i64,
+    /// End (exclusive).
+    pub end: i64,
+}
+
+/// An edge of a raw sub-range: the query's own bound, or an instant chosen by the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Edge {
+    /// Keep the original bound conjunct.
+    Original,
+    /// Cut at this instant (`>=` for a start, `<` for an end).
+    At(i64),
+}
+
+/// A sub-range of the query's range read from the source table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RawRange {
+    /// Where it starts.
+    pub start: Edge,
+    /// Where it ends.
+    pub end: Edge,
+}
+
+/// Where the rewrite reads preaggregates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Database of the table.
+    pub database: String,
+    /// Table name.
+    pub table: String,
+    /// Cluster mode: read replicas in the order builds write them.
+    pub cluster: bool,
+}
+
+impl Target {
+    fn qualified(&self) -> String {
+        quote::qualified(&self.database, &self.table)
+    }
+}
+
+/// How the body's stored columns come out of a raw sub-range, plus extra projection and GROUP BY
+/// items (the build's job-id key).
+struct BodyEdit<'a> {
+    start: Edge,
+    end: Edge,
+    prewhere: String,
+    extra_select: &'a [String],
+    extra_group_by: &'a [String],
+}
+
+/// The body text with its bounds moved, a PREWHERE on the raw time column (where ClickHouse can
+/// prune even though the join blocks pushdown), derived columns and extras appended.
+fn edited_body(text: &str, occ: &Occurrence, edit: &BodyEdit) -> Result<String, SpliceError> {
+    let body = occ.body.clone();
+    let local = |r: &Range<usize>| r.start - body.start..r.end - body.start;
+    let mut edits = Vec::new();
+    if let Edge::At(at) = edit.start {
+        let conjunct = format!("greaterOrEquals({}, {})", occ.lower.time_expr, quote::datetime64(at));
+        edits.push(Edit::new(local(&occ.lower.conjunct), conjunct));
+    }
+    if let Edge::At(at) = edit.end {
+        let conjunct = format!("less({}, {})", occ.upper.time_expr, quote::datetime64(at));
+        edits.push(Edit::new(local(&occ.upper.conjunct), conjunct));
+    }
+    edits.push(Edit::insert(occ.where_at - body.start, format!("PREWHERE {} ", edit.prewhere)));
+    let mut select: Vec<String> =
+        occ.derived.iter().map(|d| format!("{} AS {}", d.expr, quote::identifier(&d.name))).collect();
+    select.extend(edit.extra_select.iter().cloned());
+    if !select.is_empty() {
+        edits.push(Edit::insert(occ.projection_end - body.start, format!(", {}", select.join(", "))));
+    }
+    if !edit.extra_group_by.is_empty() {
+        edits.push(Edit::insert(body.end - body.start, format!(", {}", edit.extra_group_by.join(", "))));
+    }
+    splice::apply(&text[body], &edits)
+}
+
+/// `column >= start AND column < end` on the raw time column, for one raw sub-range.
+fn prewhere_for(occ: &Occurrence, raw: &RawRange) -> String {
+    let column = &occ.time_column;
+    let start = match raw.start {
+        Edge::Original => {
+            let op = if occ.lower.bound.inclusive { ">=" } else { ">" };
+            format!("{column} {op} {}", quote::datetime64(occ.lower.bound.micros))
+        }
+        Edge::At(at) => format!("{column} >= {}", quote::datetime64(at)),
+    };
+    let end = match raw.end {
+        Edge::Original => {
+            let op = if occ.upper.bound.inclusive { "<=" } else { "<" };
+            format!("{column} {op} {}", quote::datetime64(occ.upper.bound.micros))
+        }
+        Edge::At(at) => format!("{column} < {}", quote::datetime64(at)),
+    };
+    format!("{start} AND {end}")
+}
+
+/// The body restricted to a raw sub-range, producing the stored columns.
+pub fn raw_body(text: &str, occ: &Occurrence, raw: &RawRange) -> Result<String, SpliceError> {
+    let edit = BodyEdit {
+        start: raw.start,
+        end: raw.end,
+        prewhere: prewhere_for(occ, raw),
+        extra_select: &[],
+        extra_group_by: &[],
+    };
+    edited_body(text, occ, &edit)
+}
+
+/// The message of the guard that fails a rewritten query whose stored rows are not all there.
+pub const ROWS_MISSING: &str = "preagg-proxy: preaggregated rows missing";
+
+/// The text that replaces an occurrence's body: stored rows of `jobs` and the raw sub-ranges,
+/// re-aggregated into the original's columns. `types` are the original types of the stored
+/// columns, in [`Occurrence::stored_columns`] order.
+///
+/// The stored branch carries a guard: a scalar subquery, evaluated before any row is read, that
+/// throws unless the jobs hold exactly the rows their builds confirmed. If the store and
+/// ClickHouse disagree (a table dropped and recreated, rows deleted early, another cluster), the
+/// rewritten query fails and the proxy answers with the original instead of serving wrong rows.
+pub fn replacement(
+    text: &str,
+    occ: &Occurrence,
+    jobs: &[ReadyJob],
+    raw: &[RawRange],
+    types: &[String],
+    target: &Target,
+) -> Result<String, SpliceError> {
+    let stored = occ.stored_columns();
+    let casts: Vec<String> = stored
+        .iter()
+        .zip(types)
+        .map(|(name, ty)| {
+            format!(
+                "CAST({}, {}) AS {}",
+                quote::identifier(name),
+                quote::string(ty),
+                quote::identifier(&format!("{INNER_PREFIX}{name}"))
+            )
+        })
+        .collect();
+    let job_list = jobs.iter().map(|j| quote::string(&j.id)).collect::<Vec<_>>().join(", ");
+    let expected_rows: u64 = jobs.iter().map(|j| j.rows).sum();
+    let read_settings = if target.cluster { " SETTINGS load_balancing = 'in_order'" } else { "" };
+    let table = target.qualified();
+    let selection = format!("team_id = {} AND job_id IN ({job_list})", occ.team_id);
+    let guard = format!(
+        "(SELECT throwIf(count() != {expected_rows}, {}) FROM {table} WHERE {selection}{read_settings}) = 0",
+        quote::string(ROWS_MISSING)
+    );
+    let mut branches =
+        vec![format!("SELECT {} FROM {table} WHERE {selection} AND {guard}{read_settings}", casts.join(", "))];
+    for r in raw {
+        branches.push(raw_body(text, occ, r)?);
+    }
+    let entity = occ.columns.iter().find(|c| c.entity).map(|c| c.name.as_str()).unwrap_or_default();
+    let outputs: Vec<String> = occ
+        .columns
+        .iter()
+        .map(|c| match &c.merge {
+            None => {
+                format!("{} AS {}", quote::identifier(&format!("{INNER_PREFIX}{}", c.name)), quote::identifier(&c.name))
+            }
+            Some(merge) => format!("{merge} AS {}", quote::identifier(&c.name)),
+        })
+        .collect();
+    Ok(format!(
+        "SELECT {} FROM ({}) GROUP BY {}",
+        outputs.join(", "),
+        branches.join(" UNION ALL "),
+        quote::identifier(&format!("{INNER_PREFIX}{entity}"))
+    ))
+}
+
+/// One window to build, with its job id and expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildWindow {
+    /// The window.
+    pub window: Window,
+    /// Job id its rows carry.
+    pub job_id: String,
+    /// Expiry instant (microseconds).
+    pub expires_at: i64,
+}
+
+/// The INSERT that fills `windows` (sorted, non-overlapping) in one scan: the body grouped by
+/// entity and by window, each window's rows tagged with its job id.
+pub fn insert_statement(
+    text: &str,
+    occ: &Occurrence,
+    windows: &[BuildWindow],
+    target: &Target,
+) -> Result<String, SpliceError> {
+    let (Some(first), Some(last)) = (windows.first(), windows.last()) else {
+        return Err(SpliceError::OutOfBounds(0..0));
+    };
+    let column = &occ.time_column;
+    // Rows are grouped by window number (cheap to hash) and tagged with job ids afterwards.
+    let window_key = if windows.len() == 1 {
+        "toUInt16(1)".to_string()
+    } else {
+        let mut arms: Vec<String> = windows[..windows.len() - 1]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| format!("{column} < {}, {}", quote::datetime64(w.window.end), i + 1))
+            .collect();
+        arms.push(windows.len().to_string());
+        format!("toUInt16(multiIf({}))", arms.join(", "))
+    };
+    let window_alias = quote::identifier(&format!("{INNER_PREFIX}window"));
+    let extra_select = [format!("{window_key} AS {window_alias}")];
+    let extra_group_by = [window_alias.clone()];
+    let runs: Vec<String> = contiguous_runs(windows)
+        .into_iter()
+        .map(|w| format!("({column} >= {} AND {column} < {})", quote::datetime64(w.start), quote::datetime64(w.end)))
+        .collect();
+    let edit = BodyEdit {
+        start: Edge::At(first.window.start),
+        end: Edge::At(last.window.end),
+        prewhere: runs.join(" OR "),
+        extra_select: &extra_select,
+        extra_group_by: &extra_group_by,
+    };
+    let body = edited_body(text, occ, &edit)?;
+    let stored = occ.stored_columns();
+    let stored_list: Vec<String> = stored.iter().map(|c| quote::identifier(c)).collect();
+    let numbers: Vec<String> = (1..=windows.len()).map(|i| i.to_string()).collect();
+    let job_ids: Vec<String> = windows.iter().map(|w| quote::string(&w.job_id)).collect();
+    let expiries: Vec<String> = windows.iter().map(|w| quote::datetime64(w.expires_at)).collect();
+    let numbers = numbers.join(", ");
+    Ok(format!(
+        "INSERT INTO {} (team_id, job_id, {}, computed_at, expires_at) SELECT {}, \
+         transform({window_alias}, [{numbers}], [{}], ''), {}, now64(6, 'UTC'), \
+         transform({window_alias}, [{numbers}], [{}], {}) FROM ({})",
+        target.qualified(),
+        stored_list.join(", "),
+        occ.team_id,
+        job_ids.join(", "),
+        stored_list.join(", "),
+        expiries.join(", "),
+        quote::datetime64(last.expires_at),
+        body
+    ))
+}
+
+/// The statement that learns the original types of the stored columns.
+pub fn describe_statement(text: &str, occ: &Occurrence) -> Result<String, SpliceError> {
+    let whole = RawRange { start: Edge::Original, end: Edge::Original };
+    Ok(format!("DESCRIBE TABLE ({})", raw_body(text, occ, &whole)?))
+}
+
+/// Sorted windows merged where one ends exactly where the next starts.
+pub fn contiguous_runs(windows: &[BuildWindow]) -> Vec<Window> {
+    let mut runs: Vec<Window> = Vec::new();
+    for w in windows {
+        match runs.last_mut() {
+            Some(run) if run.end == w.window.start => run.end = w.window.end,
+            _ => runs.push(w.window),
+        }
+    }
+    runs
+}

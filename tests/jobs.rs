@@ -1,0 +1,222 @@
+//! Jobs under pressure: concurrent cold queries, failing and interrupted builds, a job store that
+//! goes away. Every answer must still equal the direct one.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use common::equivalence::{Answer, exec, forms, run, same_rows, until_rewritten};
+use common::relay::{Mode, Relay};
+use common::{ChServer, ProxyProcess, client};
+
+const LO: &str = "2026-10-02 09:57:00.000000";
+const HI: &str = "2026-10-12 14:30:00.000000";
+
+/// One server with data for the whole file.
+static SERVER: LazyLock<ChServer> = LazyLock::new(|| {
+    let server = ChServer::start();
+    server.generate(&["--events", "300000", "--seed", "11", "--start", "2026-10-01", "--days", "14"]);
+    server
+});
+
+fn query() -> String {
+    forms(99999, "test-experiment").remove(0).query(LO, HI)
+}
+
+async fn direct() -> Answer {
+    run(&SERVER.url(), &query()).await
+}
+
+/// Jobs as the admin API lists them: (window start, end) -> statuses.
+async fn jobs_by_window(proxy: &ProxyProcess) -> HashMap<(i64, i64), Vec<String>> {
+    let body: serde_json::Value = client()
+        .get(format!("{}/admin/jobs?limit=100000", proxy.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut out: HashMap<(i64, i64), Vec<String>> = HashMap::new();
+    for job in body["jobs"].as_array().unwrap() {
+        let window = (job["window"]["start"].as_i64().unwrap(), job["window"]["end"].as_i64().unwrap());
+        out.entry(window).or_default().push(job["status"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+fn addr(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_cold_queries_build_each_window_once() {
+    let expected = direct().await;
+    for build in ["wait", "background"] {
+        let proxy = ProxyProcess::start(&SERVER.url(), &[("build", build), ("build_wait_timeout", "60s")]);
+        proxy.wait_engine_ready();
+        let answers = futures_util::future::join_all((0..24).map(|_| {
+            let url = proxy.url();
+            async move { run(&url, &query()).await }
+        }))
+        .await;
+        for answer in &answers {
+            same_rows(&expected, answer).unwrap_or_else(|e| panic!("build={build}: {e}"));
+            if build == "wait" {
+                assert!(answer.preagg.starts_with("rewritten"), "build=wait answers are rewritten: {}", answer.preagg);
+            }
+        }
+        if build == "background" {
+            until_rewritten(&proxy.url(), &query(), Duration::from_secs(60)).await;
+        }
+        let jobs = jobs_by_window(&proxy).await;
+        assert!(jobs.len() > 30, "build={build}: {} windows", jobs.len());
+        for (window, statuses) in jobs {
+            assert_eq!(statuses, vec!["ready".to_string()], "build={build}: window {window:?} built more than once");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_build_falls_back_and_is_retried() {
+    let expected = direct().await;
+    let database = "faults_failed_build";
+    exec(&SERVER.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
+    let proxy = ProxyProcess::start(
+        &SERVER.url(),
+        &[("build", "wait"), ("build_retry_after", "1s"), ("preagg_database", database)],
+    );
+    proxy.wait_engine_ready();
+    // The table disappears behind the proxy's back: the build's INSERT fails with a server error.
+    exec(&SERVER.url(), &format!("DROP TABLE {database}.experiment_exposures_preaggregated"));
+    let answer = run(&proxy.url(), &query()).await;
+    same_rows(&expected, &answer).unwrap();
+    assert_eq!(answer.preagg, "passthrough reason=build_failed");
+    let jobs = jobs_by_window(&proxy).await;
+    assert!(jobs.values().all(|s| s == &vec!["failed".to_string()]), "{jobs:?}");
+    // After the retry delay the table is created again and the query is rewritten.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let answer = run(&proxy.url(), &query()).await;
+    assert!(answer.preagg.starts_with("rewritten"), "{}", answer.preagg);
+    same_rows(&expected, &answer).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_during_a_build_fall_back() {
+    let expected = direct().await;
+    let relay = Relay::start(addr(&SERVER.url())).await;
+    let database = "faults_dropped";
+    exec(&SERVER.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
+    let proxy = ProxyProcess::start(
+        &SERVER.url(),
+        &[
+            ("build", "wait"),
+            ("build_retry_after", "1s"),
+            ("clickhouse_url", &relay.url("http")),
+            ("preagg_database", database),
+        ],
+    );
+    proxy.wait_engine_ready();
+    relay.set(Mode::Drop);
+    let answer = run(&proxy.url(), &query()).await;
+    same_rows(&expected, &answer).unwrap();
+    assert_eq!(answer.preagg, "passthrough reason=build_failed");
+    relay.set(Mode::Forward);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let answer = run(&proxy.url(), &query()).await;
+    assert!(answer.preagg.starts_with("rewritten"), "{}", answer.preagg);
+    same_rows(&expected, &answer).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_killed_mid_build_recovers_after_restart() {
+    let expected = direct().await;
+    let relay = Relay::start(addr(&SERVER.url())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("jobs.db").display());
+    let database = "faults_killed";
+    exec(&SERVER.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
+    let settings = [
+        ("store", store.as_str()),
+        ("lease_duration", "3s"),
+        ("clickhouse_url", &relay.url("http")),
+        ("preagg_database", database),
+    ];
+    let first = ProxyProcess::start(&SERVER.url(), &settings);
+    first.wait_engine_ready();
+    // Builds hang inside ClickHouse; the proxy dies while its jobs are pending.
+    relay.set(Mode::Hang);
+    let cold = run(&first.url(), &query()).await;
+    same_rows(&expected, &cold).unwrap();
+    assert_eq!(cold.preagg, "passthrough reason=building");
+    let started = std::time::Instant::now();
+    while !jobs_by_window(&first).await.values().any(|s| s.contains(&"pending".to_string())) {
+        assert!(started.elapsed() < Duration::from_secs(10), "no pending job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.signal("KILL");
+    drop(first);
+    relay.set(Mode::Forward);
+    let second = ProxyProcess::start(&SERVER.url(), &settings);
+    second.wait_engine_ready();
+    let started = std::time::Instant::now();
+    let warm = until_rewritten(&second.url(), &query(), Duration::from_secs(60)).await;
+    same_rows(&expected, &warm).unwrap();
+    eprintln!("rewritten again {:?} after the restart", started.elapsed());
+    let jobs = jobs_by_window(&second).await;
+    assert!(jobs.values().any(|s| s.contains(&"failed".to_string())), "the dead owner's jobs were taken over");
+    assert!(jobs.values().all(|s| s.contains(&"ready".to_string())), "{jobs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_store_that_is_down_means_pass_through_then_recovery() {
+    let expected = direct().await;
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    let store = common::postgres_url().replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
+    // The PostgreSQL store outlives this run: a database of its own keeps its jobs apart.
+    let database = format!("faults_store_down_{}", uuid::Uuid::new_v4().simple());
+    let database = database.as_str();
+    exec(&SERVER.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
+    let proxy = ProxyProcess::start(
+        &SERVER.url(),
+        &[("store", &store), ("build", "wait"), ("job_cache_ttl", "100ms"), ("preagg_database", database)],
+    );
+    proxy.wait_engine_ready();
+    let warm = until_rewritten(&proxy.url(), &query(), Duration::from_secs(60)).await;
+    same_rows(&expected, &warm).unwrap();
+    relay.set(Mode::Drop);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let answer = run(&proxy.url(), &query()).await;
+        same_rows(&expected, &answer).unwrap();
+        assert_eq!(answer.preagg, "passthrough reason=store_unavailable");
+        assert!(started.elapsed() < Duration::from_secs(5), "a down store must not stall queries");
+    }
+    relay.set(Mode::Forward);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let again = until_rewritten(&proxy.url(), &query(), Duration::from_secs(30)).await;
+    same_rows(&expected, &again).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_missing_in_clickhouse_are_never_served() {
+    let expected = direct().await;
+    let database = "faults_rows_missing";
+    exec(&SERVER.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
+    let proxy = ProxyProcess::start(&SERVER.url(), &[("build", "wait"), ("preagg_database", database)]);
+    proxy.wait_engine_ready();
+    let warm = until_rewritten(&proxy.url(), &query(), Duration::from_secs(60)).await;
+    same_rows(&expected, &warm).unwrap();
+    // Rows vanish behind the proxy's back (a truncate, an early TTL, a restored backup...).
+    exec(&SERVER.url(), &format!("TRUNCATE TABLE {database}.experiment_exposures_preaggregated"));
+    let answer = run(&proxy.url(), &query()).await;
+    same_rows(&expected, &answer).unwrap();
+    assert_eq!(answer.preagg, "passthrough reason=rewritten_query_failed");
+    // The jobs were expired, so the next query rebuilds them and is rewritten again.
+    let again = until_rewritten(&proxy.url(), &query(), Duration::from_secs(60)).await;
+    same_rows(&expected, &again).unwrap();
+}

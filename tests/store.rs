@@ -1,0 +1,127 @@
+//! The job store on both backends: SQLite (embedded default) and PostgreSQL (shared by replicas).
+
+mod common;
+
+use std::time::Duration;
+
+use preagg_proxy::preagg::store::{Built, JobFilter, JobKey, MismatchSample, ShapeRecord, Status, Store};
+use preagg_proxy::sql::rewrite::Window;
+
+const HOUR: i64 = 3_600_000_000;
+
+async fn stores() -> Vec<(&'static str, Store, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Store::connect(&format!("sqlite://{}", dir.path().join("jobs.db").display()), Duration::from_secs(5))
+        .await
+        .expect("sqlite store");
+    let postgres = Store::connect(&common::postgres_url(), Duration::from_secs(5))
+        .await
+        .expect("PostgreSQL must be running (scripts/ensure-postgres.sh)");
+    vec![("sqlite", sqlite, dir), ("postgres", postgres, tempfile::tempdir().unwrap())]
+}
+
+fn unique_hash() -> String {
+    format!("test-{}", uuid::Uuid::new_v4())
+}
+
+#[tokio::test]
+async fn claims_are_exclusive_and_expired_leases_are_taken_over() {
+    for (name, store, _dir) in stores().await {
+        let hash = unique_hash();
+        let w = Window { start: 0, end: HOUR };
+        let now = 10 * HOUR;
+        let claim = |owner: &'static str, at: i64| {
+            let store = store.clone();
+            let hash = hash.clone();
+            async move {
+                let key = JobKey { team_id: 7, rule: "r", query_hash: &hash };
+                store.claim(&key, &[w], owner, at, Duration::from_secs(60)).await.unwrap().pop().map(|(_, id)| id)
+            }
+        };
+        let first = claim("a", now).await;
+        assert!(first.is_some(), "{name}: first claim");
+        assert_eq!(claim("b", now).await, None, "{name}: held");
+        // Two minutes later the lease has expired: b takes the window over with a new job.
+        let later = now + 120_000_000;
+        let second = claim("b", later).await;
+        assert!(second.is_some() && second != first, "{name}: takeover");
+        // The dead owner can no longer mark its job ready.
+        let built = |id: &Option<String>, rows| vec![Built { id: id.clone().unwrap(), rows, expires_at: later + HOUR }];
+        assert_eq!(store.mark_ready(&built(&first, 1), "a", later).await.unwrap(), 0, "{name}");
+        assert_eq!(store.mark_ready(&built(&second, 42), "b", later).await.unwrap(), 1, "{name}");
+        let jobs = store.lookup(7, &hash, later, later - HOUR).await.unwrap();
+        let statuses: Vec<(Status, Option<i64>)> = jobs.iter().map(|j| (j.status, j.rows_written)).collect();
+        assert!(statuses.contains(&(Status::Ready, Some(42))), "{name}: {statuses:?}");
+        assert!(jobs.iter().any(|j| j.status == Status::Failed && j.error.as_deref().unwrap_or("").contains("lease")));
+    }
+}
+
+#[tokio::test]
+async fn lookups_skip_expired_jobs_and_old_failures() {
+    for (name, store, _dir) in stores().await {
+        let hash = unique_hash();
+        let now = 100 * HOUR;
+        let key = JobKey { team_id: 8, rule: "r", query_hash: &hash };
+        let windows: Vec<Window> = (0..3).map(|i| Window { start: i * HOUR, end: (i + 1) * HOUR }).collect();
+        let ids: Vec<String> = store
+            .claim(&key, &windows, "o", now, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        assert_eq!(ids.len(), 3, "{name}");
+        let built = vec![
+            Built { id: ids[0].clone(), rows: 1, expires_at: now + 10 * HOUR },
+            Built { id: ids[1].clone(), rows: 1, expires_at: now + HOUR / 2 },
+        ];
+        assert_eq!(store.mark_ready(&built, "o", now).await.unwrap(), 2, "{name}");
+        store.mark_failed(&ids[2..], "o", "boom").await.unwrap();
+        let served = store.lookup(8, &hash, now + HOUR, now - HOUR).await.unwrap();
+        let ready: Vec<&str> = served.iter().filter(|j| j.status == Status::Ready).map(|j| j.id.as_str()).collect();
+        assert_eq!(ready, vec![ids[0].as_str()], "{name}: the job expiring within the buffer is not served");
+        assert!(served.iter().any(|j| j.status == Status::Failed), "{name}: recent failure reported");
+        let later = store.lookup(8, &hash, now + HOUR, now + HOUR).await.unwrap();
+        assert!(!later.iter().any(|j| j.status == Status::Failed), "{name}: old failure forgotten");
+        // Invalidation expires ready jobs now.
+        assert_eq!(store.invalidate(8, Some(&hash), None, now).await.unwrap(), 2, "{name}");
+        let after = store.lookup(8, &hash, now, now).await.unwrap();
+        assert!(!after.iter().any(|j| j.status == Status::Ready), "{name}");
+        let listed =
+            store.list(&JobFilter { team_id: Some(8), query_hash: Some(hash.clone()), limit: 10 }).await.unwrap();
+        assert_eq!(listed.len(), 3, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn shapes_and_mismatch_samples_round_trip() {
+    for (name, store, _dir) in stores().await {
+        let hash = unique_hash();
+        let record = ShapeRecord {
+            names: vec!["a".into(), "b".into()],
+            types: vec!["UUID".into(), "DateTime64(6, 'UTC')".into()],
+        };
+        store.put_shape(&hash, "r", "SELECT ...", &record, 1).await.unwrap();
+        store.put_shape(&hash, "r", "other", &ShapeRecord { names: vec![], types: vec![] }, 2).await.unwrap();
+        assert_eq!(store.shape(&hash).await.unwrap(), Some(record), "{name}: first writer wins");
+        for i in 0..5 {
+            let sample = MismatchSample {
+                id: uuid::Uuid::new_v4().to_string(),
+                created_at: 1_000_000_000_000_000 + i,
+                rule: format!("rule-{name}"),
+                query_hashes: vec![hash.clone()],
+                job_ids: vec!["j".into()],
+                original_rows: 3,
+                rewritten_rows: 2,
+                first_difference: "row 0 differs".into(),
+                original_query_id: "o".into(),
+                rewritten_query_id: "r".into(),
+                original_ms: 10,
+                rewritten_ms: 1,
+            };
+            store.add_sample(&sample, 3).await.unwrap();
+        }
+        let samples = store.samples(10).await.unwrap();
+        assert!(samples.len() <= 3, "{name}: capped at 3, got {}", samples.len());
+    }
+}
