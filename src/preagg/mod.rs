@@ -551,6 +551,17 @@ impl Engine {
         let result = self.fill(found, text, context, &claimed, now).await;
         lease.abort();
         m::build_finished(&rule.name, started.elapsed(), result.as_ref().ok().copied());
+        if let Ok(rows) = &result {
+            tracing::info!(
+                rule = %rule.name,
+                team_id = occ.team_id,
+                query_hash = %found.query_hash,
+                windows = claimed.len(),
+                rows,
+                duration_ms = started.elapsed().as_millis() as u64,
+                "build finished"
+            );
+        }
         if let Err(error) = &result {
             // The table may be gone (dropped, or a new node): create it again before the next build.
             self.tables.lock().await.remove(&rule.name);
