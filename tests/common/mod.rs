@@ -11,7 +11,7 @@ pub mod relay;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The repository root.
@@ -182,6 +182,7 @@ impl ProxyProcess {
             let port = |k: &str| line[k].as_str()?.rsplit(':').next()?.parse::<u16>().ok();
             Some((port("listen")?, port("admin")?))
         });
+        kill_at_exit(child.id());
         ProxyProcess { child, port, admin_port, log, _dir: dir }
     }
 
@@ -258,6 +259,31 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Ok(mut running) = RUNNING.lock() {
+            running.retain(|pid| *pid != self.child.id());
+        }
+    }
+}
+
+/// Proxies still running: a proxy held by a `static` is never dropped, so it is killed when the
+/// test binary exits instead of outliving it.
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn kill_at_exit(pid: u32) {
+    static REGISTERED: OnceLock<()> = OnceLock::new();
+    REGISTERED.get_or_init(|| {
+        // SAFETY: registers a plain `extern "C"` function with no arguments, as atexit expects.
+        unsafe { libc::atexit(kill_running) };
+    });
+    RUNNING.lock().unwrap().push(pid);
+}
+
+extern "C" fn kill_running() {
+    if let Ok(running) = RUNNING.lock() {
+        for pid in running.iter() {
+            // SAFETY: kill(2) on a child this process started and has not reaped.
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+        }
     }
 }
 
