@@ -28,16 +28,23 @@ fn python() -> String {
     String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
 }
 
-fn wait_file(path: &Path) -> String {
-    for _ in 0..600 {
-        if let Ok(text) = std::fs::read_to_string(path)
-            && !text.trim().is_empty()
-        {
-            return text.trim().to_string();
+/// Polls `ready` every 100 ms until it gives a value; panics with `what` after `timeout`.
+fn poll<T>(what: &dyn Fn() -> String, timeout: Duration, mut ready: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        if let Some(value) = ready() {
+            return value;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("{} never appeared", path.display());
+    panic!("{}", what());
+}
+
+fn wait_file(path: &Path) -> String {
+    poll(&|| format!("{} never appeared", path.display()), Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(path).ok()?;
+        (!text.trim().is_empty()).then(|| text.trim().to_string())
+    })
 }
 
 /// Starts the chdb server on the kept data directory, generating data if needed.
@@ -114,18 +121,17 @@ fn proxy(upstream: &str, build: &str, tag: &str) -> (Process, String, tempfile::
             .spawn()
             .expect("preagg-proxy"),
     );
-    for _ in 0..600 {
+    let started = || format!("proxy did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    let url = poll(&started, Duration::from_secs(60), || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("engine ready")
-            && let Some(line) = text.lines().find(|l| l.contains("\"serving\""))
-        {
-            let value: serde_json::Value = serde_json::from_str(line).expect("json log");
-            let url = format!("http://{}", value["listen"].as_str().expect("listen"));
-            return (child, url, dir);
+        if !text.contains("engine ready") {
+            return None;
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("proxy did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        let line = text.lines().find(|l| l.contains("\"serving\""))?;
+        let value: serde_json::Value = serde_json::from_str(line).expect("json log");
+        Some(format!("http://{}", value["listen"].as_str().expect("listen")))
+    });
+    (child, url, dir)
 }
 
 fn curl(url: &str, body: &str) -> (f64, String, String) {
@@ -170,13 +176,12 @@ struct Row {
 
 /// Waits for the proxy's "build finished" log line; returns the seconds since `since`.
 fn build_finished(log: &Path, since: Instant) -> f64 {
-    for _ in 0..6000 {
-        if std::fs::read_to_string(log).unwrap_or_default().contains("build finished") {
-            return since.elapsed().as_secs_f64();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("no build finished in {}: {}", log.display(), std::fs::read_to_string(log).unwrap_or_default());
+    let what =
+        || format!("no build finished in {}: {}", log.display(), std::fs::read_to_string(log).unwrap_or_default());
+    poll(&what, Duration::from_secs(600), || {
+        std::fs::read_to_string(log).unwrap_or_default().contains("build finished").then(|| since.elapsed())
+    })
+    .as_secs_f64()
 }
 
 fn measure(upstream: &str, what: &'static str, sql: &str, runs: usize) -> Row {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::equivalence::{Answer, exec, forms, run, same_rows, until_rewritten};
 use common::relay::{Mode, Relay};
-use common::{ChServer, ProxyProcess, client, python, root, wait_for};
+use common::{ChServer, ProxyProcess, client, python, root, wait_for, wait_until};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -770,29 +770,26 @@ async fn storms_of_client_disconnects_leave_the_proxy_as_it_was() {
     // Every client connection is gone, none is left half-closed, and apart from idle keep-alive
     // connections to the upstream and the job store's pool (at most 4 SQLite connections) the
     // descriptors are the baseline's.
-    let settled = wait_for("the clients' connections to be closed", Duration::from_secs(30), || {
-        let now = census();
-        (now.clients == 0 && now.half_closed == 0 && now.other == baseline.other).then_some(now)
-    });
+    let at_rest = |now: Census| {
+        if (now.clients, now.half_closed, now.other) == (0, 0, baseline.other) {
+            Ok(now)
+        } else {
+            Err(format!("{now:?} {}", fd_kinds(proxy.pid())))
+        }
+    };
+    let settled = wait_until("the clients' connections to be closed", Duration::from_secs(30), || at_rest(census()));
     eprintln!("after the storms: {settled:?} {}", fd_kinds(proxy.pid()));
     assert!(settled.store <= 9, "the job store holds {} descriptors", settled.store);
     // The upstream closes idle keep-alive connections after 30 s, and the proxy lets them go. (A
     // socket the peer has just reset leaves /proc/net/tcp before the proxy closes its descriptor:
     // for that moment it counts as "other", so the whole census is waited for, not sampled once.)
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let idle = loop {
+    let idle = wait_until("the descriptors to return to the baseline", Duration::from_secs(150), || {
         let now = census();
-        if now.upstream <= baseline.upstream + 1 && (now.clients, now.half_closed, now.other) == (0, 0, baseline.other)
-        {
-            break now;
+        if now.upstream > baseline.upstream + 1 {
+            return Err(format!("{now:?}"));
         }
-        assert!(
-            Instant::now() < deadline,
-            "descriptors not back to the baseline {baseline:?}: {now:?} {}",
-            fd_kinds(proxy.pid())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        at_rest(now)
+    });
     eprintln!("after the upstream's keep-alive timeout: {idle:?}");
 
     // And it answers as before.

@@ -550,24 +550,25 @@ impl Engine {
         let started = Instant::now();
         let result = self.fill(found, text, context, &claimed, now).await;
         lease.abort();
-        m::build_finished(&rule.name, started.elapsed(), result.as_ref().ok().copied());
-        if let Ok(rows) = &result {
-            tracing::info!(
+        let elapsed = started.elapsed();
+        m::build_finished(&rule.name, elapsed, result.as_ref().ok().copied());
+        match &result {
+            Ok(rows) => tracing::info!(
                 rule = %rule.name,
                 team_id = occ.team_id,
                 query_hash = %found.query_hash,
                 windows = claimed.len(),
                 rows,
-                duration_ms = started.elapsed().as_millis() as u64,
+                duration_ms = elapsed.as_millis() as u64,
                 "build finished"
-            );
-        }
-        if let Err(error) = &result {
-            // The table may be gone (dropped, or a new node): create it again before the next build.
-            self.tables.lock().await.remove(&rule.name);
-            let message = crate::http::forward::error_chain(error);
-            if let Err(store_error) = self.store.mark_failed(&ids, &self.owner, &message).await {
-                tracing::warn!(%store_error, "cannot record a failed build");
+            ),
+            Err(error) => {
+                // The table may be gone (dropped, or a new node): create it again before the next build.
+                self.tables.lock().await.remove(&rule.name);
+                let message = crate::http::forward::error_chain(error);
+                if let Err(store_error) = self.store.mark_failed(&ids, &self.owner, &message).await {
+                    tracing::warn!(%store_error, "cannot record a failed build");
+                }
             }
         }
         self.jobs.invalidate(&(occ.team_id, found.query_hash.clone())).await;
