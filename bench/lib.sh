@@ -114,15 +114,16 @@ start_hop() {
     wait_port "$1"
 }
 
-# start_proxy NAME PORT UPSTREAM MODE: preagg-proxy (release) on its defaults otherwise: SQLite job
-# store, text logs at info (one access line per request) to a file. Waits for the engine unless
-# the mode is off. Sets PROXY_PID_<NAME>.
+# start_proxy NAME PORT UPSTREAM MODE [FLAG...]: preagg-proxy (release) on its defaults otherwise:
+# SQLite job store, text logs at info (one access line per request) to a file. Waits for the
+# engine unless the mode is off. Sets PROXY_PID_<NAME>.
 start_proxy() {
     local name=$1 port=$2 upstream=$3 mode=$4 dir="$work/proxy-$1" admin
+    shift 4
     admin=$(free_port)
     rm -rf "$dir" && mkdir -p "$dir"
     (cd "$dir" && exec "$PROXY_BIN" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-        --upstream "$upstream" --mode "$mode" --rules "$repo/rules" --store "sqlite://$dir/jobs.db") \
+        --upstream "$upstream" --mode "$mode" --rules "$repo/rules" --store "sqlite://$dir/jobs.db" "$@") \
         >"$dir/proxy.log" 2>&1 &
     local pid=$!
     pids+=("$pid")

@@ -8,7 +8,8 @@
 # 1. Static upstream (nginx answering `1\n` with ClickHouse's headers, fast enough not to hide the
 #    hop), a non-experiment SELECT (bench/queries/passthrough.sql): direct, nginx, preagg-proxy
 #    `--mode off` (pure pass-through) and preagg-proxy `--mode rewrite` (the default: the query is
-#    read, the prefilter dismisses it: `passthrough reason=not_experiment_query`).
+#    read, the prefilter dismisses it: `passthrough reason=not_experiment_query`), and `--mode off`
+#    with `--log-filter warn` (no access-log line: what the log costs; the nginx hop logs nothing).
 # 2. The chdb-backed ClickHouse with generated PostHog data, the experiment query of
 #    scripts/demo/experiment.sql: direct and through nginx (the original query), through
 #    preagg-proxy warm (every answer counted as rewritten by its X-Preagg header).
@@ -49,6 +50,7 @@ static_port=$(free_port)
 hop_static_port=$(free_port)
 hop_clickhouse_port=$(free_port)
 proxy_off_port=$(free_port)
+proxy_quiet_port=$(free_port)
 proxy_rewrite_port=$(free_port)
 proxy_clickhouse_port=$(free_port)
 
@@ -62,6 +64,7 @@ say "Starting the static upstream, the nginx hop and preagg-proxy"
 start_static "$static_port"
 start_hop "$hop_static_port" "$hop_clickhouse_port" "$static_port" "$CLICKHOUSE_PORT"
 start_proxy off "$proxy_off_port" "http://127.0.0.1:$static_port" off
+start_proxy quiet "$proxy_quiet_port" "http://127.0.0.1:$static_port" off --log-filter warn
 start_proxy rewrite "$proxy_rewrite_port" "http://127.0.0.1:$static_port" rewrite
 
 # preagg_header URL FILE: the X-Preagg header of one answer.
@@ -89,10 +92,12 @@ if [[ " $sections " == *" static "* ]]; then
         [direct]="http://127.0.0.1:$static_port"
         [nginx]="http://127.0.0.1:$hop_static_port"
         ["preagg-proxy --mode off"]="http://127.0.0.1:$proxy_off_port"
+        ["preagg-proxy --mode off, no access log"]="http://127.0.0.1:$proxy_quiet_port"
         ["preagg-proxy --mode rewrite"]="http://127.0.0.1:$proxy_rewrite_port"
     )
     for c in $connections; do
-        for path in direct nginx "preagg-proxy --mode off" "preagg-proxy --mode rewrite"; do
+        for path in direct nginx "preagg-proxy --mode off" "preagg-proxy --mode off, no access log" \
+            "preagg-proxy --mode rewrite"; do
             quiet_machine
             run_wrk "$c" "$warmup" "${static_urls[$path]}/" "$passthrough_query" 10s >/dev/null
             cell static "pass-through SELECT" "$path" "$c" "${static_urls[$path]}/" "$passthrough_query" \
@@ -135,7 +140,9 @@ fi
     machine_facts
     echo "- wrk $WRK_THREADS thread(s), load generator, upstreams and hops on the same machine (loopback)"
     echo "- static cells: ${warmup}s warm-up then ${seconds}s measured; chdb cells: ${ch_seconds}s measured"
-    echo "- chdb data: $events generated events (28 days, seed 42); query: scripts/demo/experiment.sql"
+    if [[ " $sections " == *" clickhouse "* ]]; then
+        echo "- chdb data: $events generated events (28 days, seed 42); query: scripts/demo/experiment.sql"
+    fi
     echo "- preagg-proxy on its defaults (SQLite job store, engine ready, text log at info with one access line per request)"
     echo
     python3 "$bench/table.py" "$results"
