@@ -141,7 +141,7 @@ start_proxy() {
     fi
 }
 
-# start_clickhouse EVENTS: the chdb-backed ClickHouse with generated PostHog data (28 days from
+# start_clickhouse EVENTS (sets CLICKHOUSE_PORT and CLICKHOUSE_PID): the chdb-backed ClickHouse with generated PostHog data (28 days from
 # 2026-10-01, seed 42, as scripts/demo.sh), kept in .work/bench-data/events-N and reused.
 # Sets CLICKHOUSE_PORT.
 start_clickhouse() {
@@ -154,6 +154,7 @@ start_clickhouse() {
     "$python" "$repo/tests/chdb_server/server.py" --data-dir "$dir/data" --port-file "$dir/port" \
         >"$work/clickhouse.log" 2>&1 &
     pids+=($!)
+    CLICKHOUSE_PID=$!
     local i
     for i in $(seq 1 600); do [ -s "$dir/port" ] && break; sleep 0.1; done
     [ -s "$dir/port" ] || { cat "$work/clickhouse.log" >&2; die "the chdb server did not start"; }
@@ -180,6 +181,16 @@ run_wrk() {
     out=$(WRK_BODY_FILE="$body" WRK_COUNT_PREAGG="$count" wrk -t "$threads" -c "$connections" -d "${seconds}s" \
         --timeout "$timeout" -s "$bench/wrk/post.lua" "$url" 2>&1) || { echo "$out" >&2; die "wrk failed"; }
     grep '^RESULT ' <<<"$out" || { echo "$out" >&2; die "wrk printed no RESULT line"; }
+}
+
+# cpu_ticks PID: CPU time (user + system, in clock ticks) used so far by process PID and its
+# children (an nginx master's workers).
+cpu_ticks() {
+    local total=0 pid
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
 }
 
 # field NAME LINE: a key=value field of a RESULT line.

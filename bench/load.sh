@@ -72,13 +72,18 @@ preagg_header() {
     curl -sS -o /dev/null -D - --data-binary @"$2" "$1/" | tr -d '\r' | sed -n 's/^x-preagg: //Ip'
 }
 
-# cell SECTION QUERY PATH CONNECTIONS URL BODY SECONDS TIMEOUT COUNT: one measured wrk run.
+# cell SECTION QUERY PATH CONNECTIONS URL BODY SECONDS TIMEOUT COUNT PID: one measured wrk run;
+# PID is the process serving the path (the hop, or the upstream for direct), whose CPU time
+# during the run is recorded.
 cell() {
-    local line
+    local line before after
     say "$1 / $3 / $4 connections (${7}s)"
+    before=$(cpu_ticks "${10}")
     line=$(run_wrk "$4" "$7" "$5" "$6" "$8" "$9")
+    after=$(cpu_ticks "${10}")
     echo "$line" >&2
-    printf '%s\t%s\t%s\t%s\t%s busy_before=%s\n' "$1" "$2" "$3" "$4" "${line#RESULT }" "$BUSY" >>"$results"
+    printf '%s\t%s\t%s\t%s\t%s busy_before=%s cpu_us=%s\n' "$1" "$2" "$3" "$4" "${line#RESULT }" "$BUSY" \
+        "$(((after - before) * 1000000 / $(getconf CLK_TCK)))" >>"$results"
 }
 
 if [[ " $sections " == *" static "* ]]; then
@@ -95,13 +100,20 @@ if [[ " $sections " == *" static "* ]]; then
         ["preagg-proxy --mode off, no access log"]="http://127.0.0.1:$proxy_quiet_port"
         ["preagg-proxy --mode rewrite"]="http://127.0.0.1:$proxy_rewrite_port"
     )
+    declare -A static_pids=(
+        [direct]=$(cat "$work/static.pid")
+        [nginx]=$(cat "$work/hop.pid")
+        ["preagg-proxy --mode off"]=$PROXY_PID_off
+        ["preagg-proxy --mode off, no access log"]=$PROXY_PID_quiet
+        ["preagg-proxy --mode rewrite"]=$PROXY_PID_rewrite
+    )
     for c in $connections; do
         for path in direct nginx "preagg-proxy --mode off" "preagg-proxy --mode off, no access log" \
             "preagg-proxy --mode rewrite"; do
             quiet_machine
             run_wrk "$c" "$warmup" "${static_urls[$path]}/" "$passthrough_query" 10s >/dev/null
             cell static "pass-through SELECT" "$path" "$c" "${static_urls[$path]}/" "$passthrough_query" \
-                "$seconds" 10s 0
+                "$seconds" 10s 0 "${static_pids[$path]}"
         done
     done
 fi
@@ -125,11 +137,16 @@ if [[ " $sections " == *" clickhouse "* ]]; then
         [nginx]="http://127.0.0.1:$hop_clickhouse_port"
         ["preagg-proxy (rewritten)"]="http://127.0.0.1:$proxy_clickhouse_port"
     )
+    declare -A ch_pids=(
+        [direct]=$CLICKHOUSE_PID
+        [nginx]=$(cat "$work/hop.pid")
+        ["preagg-proxy (rewritten)"]=$PROXY_PID_clickhouse
+    )
     for c in $ch_connections; do
         for path in direct nginx "preagg-proxy (rewritten)"; do
             quiet_machine
             cell clickhouse "experiment query" "$path" "$c" "${ch_urls[$path]}/" "$experiment_query" \
-                "$ch_seconds" 300s 1
+                "$ch_seconds" 300s 1 "${ch_pids[$path]}"
         done
     done
 fi

@@ -1,5 +1,6 @@
 """Formats the RESULT lines collected by bench/load.sh as a markdown table: throughput, latency
-percentiles, and the latency each hop adds over direct at the same concurrency."""
+percentiles, the latency each hop adds over direct at the same concurrency, and the CPU time the
+hop spent per request (for direct: the upstream's own)."""
 
 import sys
 from collections import OrderedDict
@@ -40,8 +41,8 @@ def main(path):
         print(f"## {titles.get(section, section)}: {query}")
         print()
         counting = any(v["rewritten"] + v["not_rewritten"] for *_, v in cells)
-        header = "| path | conns | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |"
-        rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+        header = "| path | conns | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/req | errors |"
+        rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         if counting:
             header += " rewritten |"
             rule += "---:|"
@@ -57,8 +58,10 @@ def main(path):
                 extra = (added(v["p50_us"], base["p50_us"]), added(v["p99_us"], base["p99_us"]))
             rate_text = f"{rate:,.0f}" if rate >= 100 else f"{rate:.2f}"
             flag = " †" if v.get("busy_before", 0) > 10 else ""
+            cpu = v["cpu_us"] / v["requests"] if v["requests"] else 0
+            cpu_text = f"{cpu:.1f}" if cpu < 1000 else f"{cpu:,.0f}"
             line = (f"| {hop}{flag} | {connections} | {rate_text} | {ms(v['p50_us'])} | {ms(v['p99_us'])} | "
-                    f"{extra[0]} | {extra[1]} | {errors} |")
+                    f"{extra[0]} | {extra[1]} | {cpu_text} | {errors} |")
             if counting:
                 total = v["rewritten"] + v["not_rewritten"]
                 line += f" {v['rewritten']}/{total} |" if hop.startswith("preagg") else " — |"

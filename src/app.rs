@@ -1,6 +1,7 @@
 //! Wiring for `preagg-proxy serve`: logging, rules, metrics, the engine (connected in the
 //! background so the proxy serves pass-through from its first second), and the listeners.
 
+use std::io::BufWriter;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -8,13 +9,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::admin::Admin;
 use crate::config::{Config, LogFormat, Mode, SettingsArgs};
-use crate::http::server;
+use crate::http::server::{self, Workers};
 use crate::preagg::Engine;
 use crate::preagg::clickhouse::ClickHouse;
 use crate::preagg::store::Store;
@@ -25,18 +27,31 @@ use crate::shadow::Shadow;
 /// Changes the log filter of a running process.
 pub type LogFilterHandle = reload::Handle<EnvFilter, Registry>;
 
+/// Log lines waiting for the writer thread; beyond this a logging thread waits (nothing is lost).
+/// Small enough to be written out in the second the writer is given at exit.
+const LOG_QUEUE_LINES: usize = 8 * 1024;
+
 /// Installs the tracing subscriber (text or JSON lines on stderr); the filter can be reloaded.
-pub fn init_logging(format: LogFormat, filter: &str) -> LogFilterHandle {
+///
+/// Lines are written by a thread of their own, in batches: a request's access line costs its
+/// worker the formatting, not a write to stderr. Keep the returned guard until the process ends;
+/// dropping it writes out what is still queued.
+pub fn init_logging(format: LogFormat, filter: &str) -> (LogFilterHandle, WorkerGuard) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
     let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let lines = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr);
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("preagg-log")
+        .finish(BufWriter::new(std::io::stderr()));
+    let lines = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer);
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
         LogFormat::Text => registry.with(lines).try_init(),
         LogFormat::Json => registry.with(lines.json().flatten_event(true)).try_init(),
     };
-    handle
+    (handle, guard)
 }
 
 /// Where the configuration came from, to read it again on SIGHUP.
@@ -81,24 +96,36 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     tokio::spawn(reloader.run());
     let shutdown = CancellationToken::new();
     let (listen, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
-    tracing::info!(listen = %listen, admin = %admin_addr, upstream = %config.upstream.redacted(), "serving");
+    tracing::info!(
+        listen = %listen,
+        admin = %admin_addr,
+        upstream = %config.upstream.redacted(),
+        workers = config.workers,
+        "serving"
+    );
     let grace = config.shutdown_grace;
-    let proxy_task = tokio::spawn(server::serve(
-        listener,
-        move |request, peer| Arc::clone(&proxy).handle(request, peer),
-        shutdown.clone(),
+    let workers = Workers::start(
+        config.workers,
+        || {
+            let proxy = Arc::new(proxy.for_worker(config.workers));
+            move |request, peer| Arc::clone(&proxy).handle(request, peer)
+        },
         grace,
-    ));
+    )
+    .context("starting the worker threads")?;
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         move |request, _| Arc::clone(&admin).handle(request),
         shutdown.clone(),
         grace,
     ));
-    server::termination_signal().await;
+    tokio::select! {
+        () = workers.accept(listener, &shutdown) => {}
+        () = server::termination_signal() => {}
+    }
     tracing::info!("shutdown requested");
     shutdown.cancel();
-    let _ = tokio::join!(proxy_task, admin_task);
+    let _ = tokio::join!(workers.join(), admin_task);
     tracing::info!("stopped");
     Ok(())
 }
@@ -172,6 +199,7 @@ const RESTART_KEYS: &[&str] = &[
     "connect_timeout",
     "upstream_timeout",
     "shutdown_grace",
+    "workers",
     "log_format",
     "job_cache_capacity",
     "job_cache_ttl",

@@ -61,6 +61,11 @@ pub const KEYS: &[KeySpec] = &[
     key("connect_timeout", Some("5s"), "Upstream TCP connect timeout (502 when exceeded)"),
     key("upstream_timeout", Some("600s"), "Time allowed for the upstream response headers (504 when exceeded)"),
     key("shutdown_grace", Some("30s"), "On SIGTERM/SIGINT, how long in-flight requests may drain"),
+    key(
+        "workers",
+        None,
+        "Threads serving clients, each with its own event loop and upstream pool (default: one per CPU)",
+    ),
     key("clickhouse_url", None, "ClickHouse HTTP endpoint for the proxy's own statements (default: upstream)"),
     key("clickhouse_user", Some("default"), "User for the proxy's own statements (DDL, builds)"),
     secret("clickhouse_password", "Password for the proxy's own statements"),
@@ -338,6 +343,8 @@ pub struct Config {
     pub upstream_timeout: Duration,
     /// Drain deadline on shutdown.
     pub shutdown_grace: Duration,
+    /// Threads serving client connections.
+    pub workers: usize,
     /// Endpoint for the proxy's own statements.
     pub clickhouse_url: Endpoint,
     /// User for the proxy's own statements.
@@ -462,6 +469,7 @@ impl Config {
             connect_timeout: m.parse("connect_timeout", parse_duration)?,
             upstream_timeout: m.parse("upstream_timeout", parse_duration)?,
             shutdown_grace: m.parse("shutdown_grace", parse_duration)?,
+            workers: m.optional("workers", parse_positive)?.unwrap_or_else(default_workers),
             clickhouse_url,
             clickhouse_user: m.parse("clickhouse_user", |s| Ok(s.to_string()))?,
             clickhouse_password: Secret(m.optional("clickhouse_password", |s| Ok(s.to_string()))?),
@@ -507,6 +515,7 @@ impl Config {
             format!("connect_timeout = {:?}", self.connect_timeout),
             format!("upstream_timeout = {:?}", self.upstream_timeout),
             format!("shutdown_grace = {:?}", self.shutdown_grace),
+            format!("workers = {}", self.workers),
             format!("clickhouse_url = {}", self.clickhouse_url.redacted()),
             format!("clickhouse_user = {}", self.clickhouse_user),
             format!("clickhouse_password = {:?}", self.clickhouse_password),
@@ -643,6 +652,11 @@ fn parse_positive<T: std::str::FromStr + PartialOrd + Default>(s: &str) -> Resul
         Ok(v) if v > T::default() => Ok(v),
         _ => Err(format!("`{s}` is not a positive whole number")),
     }
+}
+
+/// One serving thread per CPU the process may use.
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {

@@ -12,6 +12,11 @@ use preagg_proxy::config::{Config, SettingsArgs};
 use preagg_proxy::preagg::store::{JobFilter, Store};
 use preagg_proxy::{app, explain, preagg, sql};
 
+/// mimalloc: a request allocates and frees many small buffers and header values, on the thread
+/// that serves it; glibc's allocator spent about 15 % of the pass-through CPU on them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A transparent ClickHouse HTTP proxy that serves experiment exposure subqueries from
 /// preaggregated windows.
 #[derive(Parser)]
@@ -128,7 +133,7 @@ fn main() -> ExitCode {
 
 fn serve(file: Option<PathBuf>, settings: SettingsArgs) -> anyhow::Result<()> {
     let config = Config::load(&settings, file.as_deref())?;
-    let log = app::init_logging(config.log_format, &config.log_filter);
+    let (log, _log_writer) = app::init_logging(config.log_format, &config.log_filter);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(app::serve(config, app::ConfigSource { args: settings, file, log }))
 }
@@ -212,7 +217,7 @@ fn run_warm(
     settings: SettingsArgs,
 ) -> anyhow::Result<()> {
     let config = Config::load(&settings, config_file.as_deref())?;
-    app::init_logging(config.log_format, "warn");
+    let _log_writer = app::init_logging(config.log_format, "warn").1;
     let texts = if files.is_empty() {
         vec![("-".to_string(), read_stdin()?)]
     } else {

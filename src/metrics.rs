@@ -2,9 +2,11 @@
 //! full list (names, labels, meaning) is in one place. Without an installed recorder (tests, the
 //! CLI) the calls are no-ops.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Bucket bounds of the `*_seconds` histograms: from the sub-millisecond analysis to long builds.
@@ -74,28 +76,55 @@ fn describe() {
     describe_histogram!("preagg_shadow_speedup", "Original time divided by rewritten time, per shadowed query");
 }
 
+/// Handles of the metrics every request records, resolved once per thread: looking a metric up
+/// by name and labels (hashing, label allocation) cost more than recording into it. The recorder
+/// is installed before the proxy serves its first request. While a thread exits (its runtime
+/// dropping what is left) nothing more is recorded.
+struct RequestMetrics {
+    in_flight: Gauge,
+    duration: Histogram,
+    upstream_latency: Histogram,
+    analysis: Histogram,
+    totals: RefCell<HashMap<(&'static str, u16, bool), Counter>>,
+}
+
+thread_local! {
+    static REQUEST_METRICS: RequestMetrics = RequestMetrics {
+        in_flight: gauge!("preagg_requests_in_flight"),
+        duration: histogram!("preagg_request_duration_seconds"),
+        upstream_latency: histogram!("preagg_upstream_latency_seconds"),
+        analysis: histogram!("preagg_analysis_seconds"),
+        totals: RefCell::default(),
+    };
+}
+
 /// A request arrived.
 pub fn request_started() {
-    gauge!("preagg_requests_in_flight").increment(1.0);
+    let _ = REQUEST_METRICS.try_with(|m| m.in_flight.increment(1.0));
 }
 
 /// A request's response body ended (sent or abandoned).
 pub fn request_finished(outcome: &'static str, status: u16, elapsed: Duration, complete: bool) {
-    gauge!("preagg_requests_in_flight").decrement(1.0);
-    counter!("preagg_requests_total", "outcome" => outcome, "status" => status.to_string(),
-        "complete" => if complete { "true" } else { "false" })
-    .increment(1);
-    histogram!("preagg_request_duration_seconds").record(elapsed.as_secs_f64());
+    let _ = REQUEST_METRICS.try_with(|m| {
+        m.in_flight.decrement(1.0);
+        m.duration.record(elapsed.as_secs_f64());
+        let mut totals = m.totals.borrow_mut();
+        let total = totals.entry((outcome, status, complete)).or_insert_with(|| {
+            counter!("preagg_requests_total", "outcome" => outcome, "status" => status.to_string(),
+                "complete" => if complete { "true" } else { "false" })
+        });
+        total.increment(1);
+    });
 }
 
 /// The upstream answered with headers after `elapsed`.
 pub fn upstream_latency(elapsed: Duration) {
-    histogram!("preagg_upstream_latency_seconds").record(elapsed.as_secs_f64());
+    let _ = REQUEST_METRICS.try_with(|m| m.upstream_latency.record(elapsed.as_secs_f64()));
 }
 
 /// Locate and match took `elapsed`.
 pub fn analysis_time(elapsed: Duration) {
-    histogram!("preagg_analysis_seconds").record(elapsed.as_secs_f64());
+    let _ = REQUEST_METRICS.try_with(|m| m.analysis.record(elapsed.as_secs_f64()));
 }
 
 /// Planning took `elapsed`.

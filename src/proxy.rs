@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -37,13 +37,14 @@ const STATIC_PATHS: &[&str] = &["/ping", "/replicas_status", "/play", "/dashboar
 /// The engine, once the job store is connected (queries pass through until then).
 pub type EngineSlot = Arc<OnceLock<Arc<Engine>>>;
 
-/// The proxy: one upstream, one engine.
+/// The proxy: one upstream, one engine. Each serving thread has its own copy
+/// ([`Proxy::for_worker`]): its own upstream connection pool, everything else shared.
 pub struct Proxy {
     upstream: Upstream,
     engine: EngineSlot,
     shadow: Option<Arc<Shadow>>,
     started_off: bool,
-    max_body_bytes: AtomicUsize,
+    max_body_bytes: Arc<AtomicUsize>,
 }
 
 /// A request body read as far as needed.
@@ -72,7 +73,19 @@ impl Proxy {
             engine,
             shadow,
             started_off: config.mode == Mode::Off,
-            max_body_bytes: AtomicUsize::new(config.max_body_bytes),
+            max_body_bytes: Arc::new(AtomicUsize::new(config.max_body_bytes)),
+        }
+    }
+
+    /// A copy for one of `workers` serving threads: the same engine, shadow and settings (a
+    /// reload reaches every copy), and an upstream connection pool of its own.
+    pub fn for_worker(&self, workers: usize) -> Proxy {
+        Proxy {
+            upstream: self.upstream.with_own_pool(workers),
+            engine: Arc::clone(&self.engine),
+            shadow: self.shadow.clone(),
+            started_off: self.started_off,
+            max_body_bytes: Arc::clone(&self.max_body_bytes),
         }
     }
 
@@ -85,7 +98,7 @@ impl Proxy {
     pub async fn handle(self: Arc<Self>, request: http::Request<Incoming>, _peer: SocketAddr) -> Response<LoggedBody> {
         let (parts, body) = request.into_parts();
         // Logged and counted even if the client hangs up before the response exists.
-        let mut log = RequestLog::start(parts.method.to_string(), parts.uri.path().to_string());
+        let mut log = RequestLog::start(parts.method.clone(), parts.uri.clone());
         let mut deferred = Deferred::default();
         let (mut response, outcome) = self.route(parts, body, &mut log.record, &mut deferred).await;
         if let Ok(value) = HeaderValue::from_str(&outcome.header_value()) {
@@ -107,16 +120,16 @@ impl Proxy {
     ) -> (Response<ProxyBody>, Outcome) {
         // Phase 1: classify.
         if STATIC_PATHS.contains(&parts.uri.path()) {
-            return self.forward(&parts, Forward::Stream(body), Reason::NotQueryEndpoint).await;
+            return self.forward(parts, Forward::Stream(body), Reason::NotQueryEndpoint).await;
         }
         let params = UrlParams::from_uri(&parts.uri);
         let url_query = params.get("query");
         if url_query.as_deref().map(request::statement_kind) == Some(StatementKind::Insert) {
             record.kind = StatementKind::Insert.as_str();
-            return self.forward(&parts, Forward::Stream(body), Reason::Insert).await;
+            return self.forward(parts, Forward::Stream(body), Reason::Insert).await;
         }
         if request::is_multipart(&parts.headers) {
-            return self.forward(&parts, Forward::Stream(body), Reason::ExternalData).await;
+            return self.forward(parts, Forward::Stream(body), Reason::ExternalData).await;
         }
 
         // Phase 2: read the query text.
@@ -129,7 +142,7 @@ impl Proxy {
                 let text = request::decode_prefix(&head, encoding.as_deref(), 4096);
                 if request::statement_kind(&String::from_utf8_lossy(&text)) == StatementKind::Insert {
                     record.kind = StatementKind::Insert.as_str();
-                    return self.forward(&parts, Forward::Prefixed(prefix, rest), Reason::Insert).await;
+                    return self.forward(parts, Forward::Prefixed(prefix, rest), Reason::Insert).await;
                 }
                 let message = format!(
                     "request body is larger than max_body_bytes ({max_body_bytes} bytes); only INSERT data may be larger"
@@ -146,7 +159,7 @@ impl Proxy {
         let text = match query_text(url_query, &raw, encoding.as_deref(), max_body_bytes) {
             Ok(text) => text,
             // ClickHouse will answer a body it cannot read; the proxy does not second-guess it.
-            Err(_) => return self.forward(&parts, Forward::Original(raw), Reason::NotSelect).await,
+            Err(_) => return self.forward(parts, Forward::Original(raw), Reason::NotSelect).await,
         };
         let full = text.full();
         let kind = request::statement_kind(&full);
@@ -154,22 +167,22 @@ impl Proxy {
         record.query_bytes = full.len();
         match kind {
             StatementKind::Select => {}
-            StatementKind::Insert => return self.forward(&parts, Forward::Original(raw), Reason::Insert).await,
+            StatementKind::Insert => return self.forward(parts, Forward::Original(raw), Reason::Insert).await,
             StatementKind::Other | StatementKind::Empty => {
-                return self.forward(&parts, Forward::Original(raw), Reason::NotSelect).await;
+                return self.forward(parts, Forward::Original(raw), Reason::NotSelect).await;
             }
         }
 
         // Phase 3: decide.
         if self.started_off {
-            return self.forward(&parts, Forward::Original(raw), Reason::ModeOff).await;
+            return self.forward(parts, Forward::Original(raw), Reason::ModeOff).await;
         }
         let Some(engine) = self.engine.get() else {
-            return self.forward(&parts, Forward::Original(raw), Reason::StoreUnavailable).await;
+            return self.forward(parts, Forward::Original(raw), Reason::StoreUnavailable).await;
         };
         let context = QueryContext::from_request(&params, &parts.headers);
         match engine.decide(&context, &full, deferred).await {
-            Decision::Forward(reason) => self.forward(&parts, Forward::Original(raw), reason).await,
+            Decision::Forward(reason) => self.forward(parts, Forward::Original(raw), reason).await,
             Decision::Rewrite { text: rewritten, summary, shadow: true } => {
                 if let Some(shadow) = &self.shadow {
                     let (params, headers, path) = ShadowRequest::capture(&params, &parts.headers, parts.uri.path());
@@ -184,7 +197,7 @@ impl Proxy {
                         headers,
                     });
                 }
-                self.forward(&parts, Forward::Original(raw), Reason::Shadow).await
+                self.forward(parts, Forward::Original(raw), Reason::Shadow).await
             }
             Decision::Rewrite { text: rewritten, summary, shadow: false } => {
                 let start = rewritten.first_change;
@@ -198,14 +211,14 @@ impl Proxy {
                             .await;
                         (response, outcome.unwrap_or(Outcome::Rewritten(summary)))
                     }
-                    None => self.forward(&parts, Forward::Original(raw), Reason::SplitQuery).await,
+                    None => self.forward(parts, Forward::Original(raw), Reason::SplitQuery).await,
                 }
             }
         }
     }
 
     /// Phase 4 for untouched requests.
-    async fn forward(&self, parts: &Parts, how: Forward, reason: Reason) -> (Response<ProxyBody>, Outcome) {
+    async fn forward(&self, parts: Parts, how: Forward, reason: Reason) -> (Response<ProxyBody>, Outcome) {
         let outcome = Outcome::Passthrough(reason);
         let body = match how {
             Forward::Stream(body) => forward::streaming(body),
@@ -213,7 +226,7 @@ impl Proxy {
             Forward::Original(raw) => forward::full(raw),
         };
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        (self.send(parts, path, parts.headers.clone(), body).await, outcome)
+        (self.send(parts.method, path, parts.headers, body).await, outcome)
     }
 
     /// Phase 4 for rewritten requests: on an upstream error status the original is sent instead,
@@ -242,7 +255,7 @@ impl Proxy {
                 (path, forward::full(body))
             }
         };
-        let response = self.send(parts, &path, headers, body).await;
+        let response = self.send(parts.method.clone(), &path, headers, body).await;
         if response.status().is_success() {
             return (response, None);
         }
@@ -252,14 +265,15 @@ impl Proxy {
         if error.contains(crate::sql::rewrite::ROWS_MISSING) {
             engine.expire_jobs(&job_ids).await;
         }
-        let (response, _) = self.forward(parts, Forward::Original(original), Reason::RewrittenQueryFailed).await;
+        let (response, _) =
+            self.forward(parts.clone(), Forward::Original(original), Reason::RewrittenQueryFailed).await;
         (response, Some(Outcome::Passthrough(Reason::RewrittenQueryFailed)))
     }
 
     /// Sends to the upstream and turns transport failures into ClickHouse-style answers.
-    async fn send(&self, parts: &Parts, path: &str, headers: HeaderMap, body: ProxyBody) -> Response<ProxyBody> {
+    async fn send(&self, method: Method, path: &str, headers: HeaderMap, body: ProxyBody) -> Response<ProxyBody> {
         let started = Instant::now();
-        match self.upstream.send(parts.method.clone(), path, headers, body).await {
+        match self.upstream.send(method, path, headers, body).await {
             Ok(response) => {
                 m::upstream_latency(started.elapsed());
                 let (mut parts, body) = response.into_parts();
@@ -303,6 +317,9 @@ async fn read_body(mut body: Incoming, cap: usize) -> Result<ReadBody, hyper::Er
                 return Ok(ReadBody::Overflow { prefix: chunks, rest: body });
             }
         }
+    }
+    if chunks.len() == 1 {
+        return Ok(ReadBody::Complete(chunks.swap_remove(0)));
     }
     let mut all = BytesMut::with_capacity(total);
     for chunk in chunks {

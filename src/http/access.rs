@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::{Method, Uri};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::http::forward::{BoxError, ProxyBody};
@@ -17,9 +18,9 @@ use crate::metrics as m;
 #[derive(Debug, Clone)]
 pub struct AccessRecord {
     /// HTTP method.
-    pub method: String,
-    /// URL path without the query string.
-    pub path: String,
+    pub method: Method,
+    /// The request URI; only its path is logged.
+    pub uri: Uri,
     /// Statement kind, when the query text was read.
     pub kind: &'static str,
     /// Query text size in bytes (0 when not read).
@@ -46,11 +47,11 @@ pub struct RequestLog {
 
 impl RequestLog {
     /// Starts the record of a request that just arrived and counts it in flight.
-    pub fn start(method: String, path: String) -> RequestLog {
+    pub fn start(method: Method, uri: Uri) -> RequestLog {
         m::request_started();
         let record = AccessRecord {
             method,
-            path,
+            uri,
             kind: "none",
             query_bytes: 0,
             status: 499,
@@ -78,7 +79,7 @@ impl Drop for RequestLog {
         tracing::info!(
             target: "preagg_proxy::access",
             method = %r.method,
-            path = %r.path,
+            path = %r.uri.path(),
             status = r.status,
             bytes = self.bytes,
             duration_ms = format_args!("{duration_ms:.1}"),

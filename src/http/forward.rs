@@ -1,16 +1,18 @@
 //! Forwarding to the upstream ClickHouse: a pooled keep-alive client, header hygiene, bodies that
 //! stream in both directions, and ClickHouse-style error answers for the proxy's own failures.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use tower_service::Service as _;
 
 use crate::config::Endpoint;
 
@@ -26,7 +28,10 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 }
 
 /// A streaming body passed along as it arrives.
-pub fn streaming(body: Incoming) -> ProxyBody {
+pub fn streaming<B>(body: B) -> ProxyBody
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
+{
     body.map_err(|e| Box::new(e) as BoxError).boxed()
 }
 
@@ -37,30 +42,29 @@ pub fn prefixed(prefix: Vec<Bytes>, rest: Incoming) -> ProxyBody {
     BoxBody::new(StreamBody::new(head.chain(tail)))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1), plus `Host`,
-/// which the client sets for the upstream.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter(|s| !s.is_empty())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP.iter().copied().chain(named.iter().map(String::as_str)) {
+    for name in HOP_BY_HOP.iter().chain(&named) {
         headers.remove(name);
     }
 }
@@ -119,12 +123,101 @@ pub fn error_response(status: StatusCode, code: u32, name: &str, message: &str) 
     response
 }
 
-/// The pooled HTTP/1.1 client to the upstream ClickHouse.
+/// Keep-alive connections idle longer than this are closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// Idle connections kept by one client, shared out among its own pools; more are closed when
+/// their response ends.
+const MAX_IDLE: usize = 256;
+
+/// The HTTP/1.1 client to the upstream ClickHouse: keep-alive connections, each carrying one
+/// request at a time, reused most-recent first. A connection goes back to the pool when the
+/// response body it carried is dropped (sent to the client, or abandoned).
+///
+/// Each proxy worker thread has its own pool ([`Upstream::with_own_pool`]): a connection is then
+/// driven by the thread whose requests use it.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, ProxyBody>,
+    connector: hyper_rustls::HttpsConnector<HttpConnector>,
+    idle: Arc<Mutex<Vec<Idle>>>,
     endpoint: Endpoint,
+    host: HeaderValue,
+    max_idle: usize,
+    connect_timeout: Duration,
     timeout: Duration,
+}
+
+/// A connection waiting for its next request.
+struct Idle {
+    sender: SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// A connection carrying a request; it returns to its pool when dropped.
+struct Lease {
+    sender: Option<SendRequest<ProxyBody>>,
+    idle: Arc<Mutex<Vec<Idle>>>,
+    max_idle: usize,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(sender) = self.sender.take() else { return };
+        let max_idle = self.max_idle;
+        if sender.is_ready() {
+            release(&self.idle, sender, max_idle);
+        } else if !sender.is_closed() {
+            // Still finishing its exchange (the rest of a request body the upstream did not
+            // wait for, say): pooled once it is done, without holding up anyone.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let idle = Arc::clone(&self.idle);
+                runtime.spawn(async move {
+                    let mut sender = sender;
+                    if sender.ready().await.is_ok() {
+                        release(&idle, sender, max_idle);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Puts a ready connection into the pool (unless `max_idle` are idle already), and closes the
+/// oldest idle one if it idled too long.
+fn release(idle: &Mutex<Vec<Idle>>, sender: SendRequest<ProxyBody>, max_idle: usize) {
+    let Ok(mut idle) = idle.lock() else { return };
+    if idle.first().is_some_and(|oldest| oldest.since.elapsed() > IDLE_TIMEOUT) {
+        idle.remove(0);
+    }
+    if idle.len() < max_idle {
+        idle.push(Idle { sender, since: Instant::now() });
+    }
+}
+
+/// The body of an upstream response; its connection is reused once the body is dropped.
+pub struct UpstreamBody {
+    body: Incoming,
+    _lease: Lease,
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 impl Upstream {
@@ -140,11 +233,16 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(50))
-            .pool_max_idle_per_host(256)
-            .build(connector);
-        Upstream { client, endpoint, timeout }
+        let host = host_header(&endpoint.uri);
+        Upstream { connector, idle: Arc::default(), endpoint, host, max_idle: MAX_IDLE, connect_timeout, timeout }
+    }
+
+    /// A client to the same endpoint with the same timeouts and a connection pool of its own,
+    /// one of `pools` that share out the idle connections this client would keep.
+    pub fn with_own_pool(&self, pools: usize) -> Upstream {
+        let mut upstream = Upstream::new(self.endpoint.clone(), self.connect_timeout, self.timeout);
+        upstream.max_idle = MAX_IDLE.div_ceil(pools.max(1));
+        upstream
     }
 
     /// The endpoint, for logs.
@@ -152,13 +250,14 @@ impl Upstream {
         &self.endpoint
     }
 
-    /// The upstream URI for a client's path and query string: the endpoint's base path is
-    /// prepended, everything else is kept byte for byte.
-    pub fn target(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+    /// The upstream request target for a client's path and query string: the endpoint's base path
+    /// is prepended, everything else is kept byte for byte.
+    pub fn target(&self, path_and_query: &str) -> Result<PathAndQuery, http::Error> {
         let base = self.endpoint.uri.path().trim_end_matches('/');
-        let mut parts = self.endpoint.uri.clone().into_parts();
-        parts.path_and_query = Some(format!("{base}{path_and_query}").parse()?);
-        Ok(Uri::from_parts(parts)?)
+        if base.is_empty() {
+            return Ok(PathAndQuery::try_from(path_and_query)?);
+        }
+        Ok(PathAndQuery::try_from(format!("{base}{path_and_query}"))?)
     }
 
     /// Sends a request and waits (bounded) for the response headers; the body streams later.
@@ -168,24 +267,88 @@ impl Upstream {
         path_and_query: &str,
         mut headers: HeaderMap,
         body: ProxyBody,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let endpoint = self.endpoint.redacted();
-        let uri = self
-            .target(path_and_query)
-            .map_err(|e| UpstreamError::Failed { endpoint: endpoint.clone(), message: e.to_string() })?;
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let target = self.target(path_and_query).map_err(|e| self.failed(&e))?;
         strip_hop_by_hop(&mut headers);
-        headers.remove(header::HOST);
+        headers.insert(header::HOST, self.host.clone());
         let mut request = Request::new(body);
         *request.method_mut() = method;
-        *request.uri_mut() = uri;
+        *request.uri_mut() = Uri::from(target);
         *request.headers_mut() = headers;
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
-            Err(_) => Err(UpstreamError::Timeout { endpoint, timeout: self.timeout }),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Unreachable { endpoint, message: error_chain(&e) }),
-            Ok(Err(e)) => Err(UpstreamError::Failed { endpoint, message: error_chain(&e) }),
-            Ok(Ok(response)) => Ok(response),
+        match tokio::time::timeout(self.timeout, self.exchange(request)).await {
+            Err(_) => Err(UpstreamError::Timeout { endpoint: self.endpoint.redacted(), timeout: self.timeout }),
+            Ok(result) => result,
         }
     }
+
+    /// Sends `request` on a pooled connection, or on a new one when none is idle or the pooled
+    /// one closed before the request could be written (the upstream dropped it while idle).
+    async fn exchange(&self, request: Request<ProxyBody>) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let mut request = request;
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    let lease = Lease { sender: Some(sender), idle: Arc::clone(&self.idle), max_idle: self.max_idle };
+                    return Ok(response.map(|body| UpstreamBody { body, _lease: lease }));
+                }
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(self.failed(error.error())),
+                },
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is still open and ready.
+    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(entry) = idle.pop() {
+            if entry.sender.is_ready() && entry.since.elapsed() <= IDLE_TIMEOUT {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    /// Opens a connection and starts driving it on the current runtime.
+    async fn connect(&self) -> Result<SendRequest<ProxyBody>, UpstreamError> {
+        let unreachable = |error: &dyn std::error::Error| UpstreamError::Unreachable {
+            endpoint: self.endpoint.redacted(),
+            message: error_chain(error),
+        };
+        let mut connector = self.connector.clone();
+        let stream = connector.call(self.endpoint.uri.clone()).await.map_err(|e| unreachable(e.as_ref()))?;
+        let (sender, connection) =
+            hyper::client::conn::http1::Builder::new().handshake(stream).await.map_err(|e| unreachable(&e))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn failed(&self, error: &dyn std::error::Error) -> UpstreamError {
+        UpstreamError::Failed { endpoint: self.endpoint.redacted(), message: error_chain(error) }
+    }
+}
+
+/// The `Host` header for `uri`: the host, and the port unless it is the scheme's default.
+fn host_header(uri: &Uri) -> HeaderValue {
+    let host = uri.host().unwrap_or_default();
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let text = match uri.port_u16() {
+        Some(port) if port != default_port => format!("{host}:{port}"),
+        _ => host.to_string(),
+    };
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("localhost"))
 }
 
 /// An error with its causes, on one line.
@@ -223,8 +386,96 @@ mod tests {
     fn target_keeps_the_path_and_query_bytes() {
         let endpoint = Endpoint { uri: "http://ch:8123/prefix/".parse().unwrap() };
         let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(1));
-        let uri = up.target("/?query=SELECT%201&user=a%2Bb").unwrap();
-        assert_eq!(uri.to_string(), "http://ch:8123/prefix/?query=SELECT%201&user=a%2Bb");
+        let target = up.target("/?query=SELECT%201&user=a%2Bb").unwrap();
+        assert_eq!(target.as_str(), "/prefix/?query=SELECT%201&user=a%2Bb");
+        let plain = Endpoint { uri: "http://ch:8123".parse().unwrap() };
+        let up = Upstream::new(plain, Duration::from_secs(1), Duration::from_secs(1));
+        assert_eq!(up.target("/ping").unwrap().as_str(), "/ping");
+    }
+
+    #[test]
+    fn host_header_names_the_port_unless_it_is_the_default() {
+        assert_eq!(host_header(&"http://ch:8123/".parse().unwrap()), "ch:8123");
+        assert_eq!(host_header(&"https://ch.example.com/".parse().unwrap()), "ch.example.com");
+        assert_eq!(host_header(&"http://ch:80".parse().unwrap()), "ch");
+    }
+
+    /// A local HTTP/1.1 server answering with the `Host` header it got; counts its connections.
+    async fn counting_server(keep_alive: bool) -> (Endpoint, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    let host = request.headers().get(header::HOST).cloned();
+                    let text = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
+                    Ok::<_, std::convert::Infallible>(Response::new(full(text)))
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(keep_alive)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::spawn(connection);
+            }
+        });
+        (Endpoint { uri: format!("http://{address}").parse().unwrap() }, accepted)
+    }
+
+    async fn get(up: &Upstream) -> Response<UpstreamBody> {
+        up.send(Method::GET, "/", HeaderMap::new(), full(Bytes::new())).await.unwrap()
+    }
+
+    async fn text(response: Response<UpstreamBody>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_body_is_done() {
+        let (endpoint, accepted) = counting_server(true).await;
+        let authority = endpoint.uri.authority().unwrap().to_string();
+        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        for _ in 0..5 {
+            assert_eq!(text(get(&up).await).await, authority, "the Host header names the upstream");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_response_still_being_read_keeps_its_connection_to_itself() {
+        let (endpoint, accepted) = counting_server(true).await;
+        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        let unread = get(&up).await;
+        let second = get(&up).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop((text(unread).await, text(second).await));
+        get(&up).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2, "both went back to the pool");
+    }
+
+    #[tokio::test]
+    async fn connections_the_upstream_closes_are_not_reused() {
+        let (endpoint, accepted) = counting_server(false).await;
+        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        for _ in 0..3 {
+            text(get(&up).await).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn own_pools_do_not_share_connections() {
+        let (endpoint, accepted) = counting_server(true).await;
+        let first = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        let second = first.with_own_pool(2);
+        text(get(&first).await).await;
+        text(get(&second).await).await;
+        text(get(&first).await).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -1,9 +1,16 @@
 //! The accept loop: HTTP/1.1 keep-alive connections served by a handler, and a graceful shutdown
 //! that stops accepting, lets in-flight requests finish up to a deadline, then closes the rest.
+//!
+//! Client traffic is served thread-per-core ([`Workers`]): one accept loop hands each connection
+//! to the worker thread serving the fewest, and each worker runs its own single-threaded runtime.
+//! A request, its upstream connection and both body streams then stay on one thread, so passing
+//! bytes along never wakes another thread; only a new connection crosses threads, once.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -11,8 +18,9 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::preface;
@@ -20,7 +28,8 @@ use super::preface;
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `handler` on `listener` until `shutdown` is cancelled, then drains for up to `grace`.
+/// Serves `handler` on `listener` in the current runtime until `shutdown` is cancelled, then
+/// drains for up to `grace`.
 pub async fn serve<H, F, B>(listener: TcpListener, handler: H, shutdown: CancellationToken, grace: Duration)
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -30,45 +39,194 @@ where
 {
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    while let Some((stream, peer)) = accept(&listener, &local, &shutdown).await {
+        tokio::spawn(serve_connection(stream, peer, handler.clone(), graceful.watcher()));
+    }
+    drop(listener);
+    drain(graceful, &local, grace).await;
+}
+
+/// The next connection, or `None` once `shutdown` is cancelled.
+async fn accept(listener: &TcpListener, local: &str, shutdown: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => return None,
         };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return Some((stream, peer));
+            }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(%error, listener = %local, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            // The first request head is checked here, so garbage gets a ClickHouse-style answer.
-            let Some(stream) = preface::first_head(stream, HEADER_READ_TIMEOUT).await else { return };
-            let service = service_fn(move |request| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(request, peer).await) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .keep_alive(true)
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%error, %peer, "connection ended with an error");
-            }
-        });
+        }
     }
-    drop(listener);
-    tracing::info!(listener = %local, grace = ?grace, "stopped accepting; draining in-flight requests");
+}
+
+/// Serves one client connection until it closes (or is closed by a graceful shutdown).
+async fn serve_connection<H, F, B>(stream: TcpStream, peer: SocketAddr, handler: H, watcher: Watcher)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // The first request head is checked here, so garbage gets a ClickHouse-style answer.
+    let Some(stream) = preface::first_head(stream, HEADER_READ_TIMEOUT).await else { return };
+    let service = service_fn(move |request| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(request, peer).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%error, %peer, "connection ended with an error");
+    }
+}
+
+/// Lets the in-flight requests of `serving` (a listener, a worker) finish, for up to `grace`.
+async fn drain(graceful: GracefulShutdown, serving: &str, grace: Duration) {
+    tracing::info!(%serving, grace = ?grace, "no new connections; draining in-flight requests");
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!(listener = %local, "all connections drained"),
-        () = tokio::time::sleep(grace) => tracing::warn!(listener = %local, "drain deadline passed; closing the rest"),
+        () = graceful.shutdown() => tracing::info!(%serving, "all connections drained"),
+        () = tokio::time::sleep(grace) => tracing::warn!(%serving, "drain deadline passed; closing the rest"),
+    }
+}
+
+/// Worker threads serving the connections of one listener; see the module documentation.
+pub struct Workers {
+    inboxes: Vec<mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+    open: Arc<[AtomicUsize]>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    drained: Vec<oneshot::Receiver<()>>,
+    release: CancellationToken,
+}
+
+/// The open-connection count that marks a worker whose thread has ended.
+const GONE: usize = usize::MAX / 2;
+
+/// Counts a connection as open on its worker until dropped.
+struct OpenConnection {
+    open: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Workers {
+    /// Starts `count` worker threads, each serving the connections it is handed with its own
+    /// handler from `make_handler`, until the accept loop ends; each then drains for up to
+    /// `grace`.
+    pub fn start<H, F, B>(
+        count: usize,
+        mut make_handler: impl FnMut() -> H,
+        grace: Duration,
+    ) -> std::io::Result<Workers>
+    where
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let open: Arc<[AtomicUsize]> = (0..count).map(|_| AtomicUsize::new(0)).collect();
+        let mut workers = Workers {
+            inboxes: Vec::with_capacity(count),
+            open: Arc::clone(&open),
+            threads: Vec::with_capacity(count),
+            drained: Vec::with_capacity(count),
+            release: CancellationToken::new(),
+        };
+        for index in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (inbox, mut connections) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
+            let (handler, release) = (make_handler(), workers.release.clone());
+            let open = Arc::clone(&open);
+            let (drained, drained_receiver) = oneshot::channel();
+            let thread = std::thread::Builder::new().name(format!("preagg-worker-{index}")).spawn(move || {
+                runtime.block_on(async move {
+                    let graceful = GracefulShutdown::new();
+                    // Until the accept loop is gone: every connection it handed over is served.
+                    while let Some((stream, peer)) = connections.recv().await {
+                        let counted = OpenConnection { open: Arc::clone(&open), worker: index };
+                        let Ok(stream) = TcpStream::from_std(stream) else { continue };
+                        let connection = serve_connection(stream, peer, handler.clone(), graceful.watcher());
+                        tokio::spawn(async move {
+                            connection.await;
+                            drop(counted);
+                        });
+                    }
+                    drain(graceful, &format!("worker {index}"), grace).await;
+                    let _ = drained.send(());
+                    // Connections this runtime opened (pooled, shared with other workers) stay
+                    // usable until every worker has drained.
+                    release.cancelled().await;
+                });
+            })?;
+            workers.inboxes.push(inbox);
+            workers.threads.push(thread);
+            workers.drained.push(drained_receiver);
+        }
+        Ok(workers)
+    }
+
+    /// Accepts connections on `listener` and hands each to the worker serving the fewest, until
+    /// `shutdown` is cancelled.
+    pub async fn accept(&self, listener: TcpListener, shutdown: &CancellationToken) {
+        let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        while let Some((stream, peer)) = accept(&listener, &local, shutdown).await {
+            let Ok(stream) = stream.into_std() else { continue };
+            self.hand_over(stream, peer);
+        }
+    }
+
+    /// Gives a connection to the live worker serving the fewest.
+    fn hand_over(&self, mut stream: std::net::TcpStream, peer: SocketAddr) {
+        loop {
+            let Some(worker) = (0..self.open.len())
+                .filter(|&i| self.open[i].load(Ordering::Relaxed) < GONE)
+                .min_by_key(|&i| self.open[i].load(Ordering::Relaxed))
+            else {
+                tracing::error!(%peer, "no worker thread is left to serve the connection");
+                return;
+            };
+            self.open[worker].fetch_add(1, Ordering::Relaxed);
+            match self.inboxes[worker].send((stream, peer)) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError((returned, _))) => {
+                    // The thread ended (it panicked): never choose it again.
+                    tracing::error!(worker, "worker thread is gone; its connections go to the others");
+                    self.open[worker].store(GONE, Ordering::Relaxed);
+                    stream = returned;
+                }
+            }
+        }
+    }
+
+    /// Waits until every worker has drained, then lets the threads end.
+    pub async fn join(self) {
+        drop(self.inboxes);
+        for drained in self.drained {
+            let _ = drained.await;
+        }
+        self.release.cancel();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
 }
 
@@ -94,5 +252,60 @@ pub async fn termination_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use http_body_util::{BodyExt, Full};
+
+    use super::*;
+
+    /// A handler answering with the name of the thread that serves the request.
+    fn thread_name() -> impl Fn(Request<Incoming>, SocketAddr) -> std::future::Ready<Response<Full<bytes::Bytes>>>
+    + Clone
+    + Send
+    + Sync
+    + 'static {
+        |_, _| {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            std::future::ready(Response::new(Full::new(name.into())))
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_are_spread_over_the_workers_and_drained_on_shutdown() {
+        let shutdown = CancellationToken::new();
+        let workers = Workers::start(2, thread_name, Duration::from_secs(5)).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accepting = {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                workers.accept(listener, &shutdown).await;
+                workers
+            })
+        };
+        let mut senders = Vec::new();
+        for _ in 0..4 {
+            let stream = TcpStream::connect(address).await.unwrap();
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+            tokio::spawn(connection);
+            senders.push(sender);
+        }
+        let mut names = BTreeSet::new();
+        for sender in &mut senders {
+            let request = Request::builder().uri("/").header("host", "test").body(Full::<bytes::Bytes>::default());
+            let response = sender.send_request(request.unwrap()).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            names.insert(String::from_utf8(body.to_vec()).unwrap());
+        }
+        assert_eq!(names, BTreeSet::from(["preagg-worker-0".to_string(), "preagg-worker-1".to_string()]));
+        shutdown.cancel();
+        let workers = accepting.await.unwrap();
+        drop(senders);
+        tokio::time::timeout(Duration::from_secs(10), workers.join()).await.expect("workers drain and end");
     }
 }

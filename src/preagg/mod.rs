@@ -133,17 +133,20 @@ fn micros(d: Duration) -> i64 {
 /// Builds to start once the query that needed them has its answer: a background build started
 /// at once would compete with that very query for the same CPUs.
 #[derive(Default)]
-pub struct Deferred(Vec<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>);
+pub struct Deferred(Vec<(tokio::runtime::Handle, BuildTask)>);
+
+/// A build waiting to be started.
+type BuildTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Deferred {
-    fn push(&mut self, build: impl Future<Output = ()> + Send + 'static) {
-        self.0.push(Box::pin(build));
+    fn push(&mut self, runtime: &tokio::runtime::Handle, build: impl Future<Output = ()> + Send + 'static) {
+        self.0.push((runtime.clone(), Box::pin(build)));
     }
 
     /// Starts the builds in the background.
     pub fn start(self) {
-        for build in self.0 {
-            tokio::spawn(build);
+        for (runtime, build) in self.0 {
+            runtime.spawn(build);
         }
     }
 }
@@ -192,6 +195,7 @@ pub struct Engine {
     tables: tokio::sync::Mutex<HashSet<String>>,
     store_down_until: AtomicI64,
     owner: String,
+    background: tokio::runtime::Handle,
 }
 
 /// After a job store failure, lookups are not tried again for this long: queries pass through at
@@ -199,7 +203,8 @@ pub struct Engine {
 const STORE_BACKOFF: i64 = 5_000_000;
 
 impl Engine {
-    /// An engine over a connected store and ClickHouse client.
+    /// An engine over a connected store and ClickHouse client. Called within the tokio runtime
+    /// that runs background builds (not on a proxy worker's).
     pub fn new(config: &Config, rules: Vec<Arc<Rule>>, store: Store, clickhouse: ClickHouse) -> Engine {
         Engine {
             rules: RwLock::new(Arc::new(rules)),
@@ -216,6 +221,7 @@ impl Engine {
             tables: tokio::sync::Mutex::new(HashSet::new()),
             store_down_until: AtomicI64::new(0),
             owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
+            background: tokio::runtime::Handle::current(),
         }
     }
 
@@ -375,7 +381,7 @@ impl Engine {
         let policy = if shadowed { BuildPolicy::Background } else { settings.build };
         match (policy, build) {
             (BuildPolicy::Background, Some(build)) => {
-                deferred.push(async move {
+                deferred.push(&self.background, async move {
                     let _ = build.await;
                 });
                 missing.building += 1;

@@ -178,6 +178,11 @@ impl ProxyProcess {
         if !settings.iter().any(|(k, _)| *k == "log_filter") {
             command.args(["--log-filter", "info"]);
         }
+        if !settings.iter().any(|(k, _)| *k == "max_parse_time" || *k == "config") {
+            // The production budget (50 ms of wall time) is sized for release builds; this debug
+            // build analyzes many times slower, and tests run side by side on two cores.
+            command.args(["--max-parse-time", "2s"]);
+        }
         for (key, value) in settings {
             command.arg(format!("--{}", key.replace('_', "-"))).arg(value);
         }
