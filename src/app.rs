@@ -1,7 +1,6 @@
 //! Wiring for `preagg-proxy serve`: logging, rules, metrics, the engine (connected in the
 //! background so the proxy serves pass-through from its first second), and the listeners.
 
-use std::io::BufWriter;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -9,13 +8,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::admin::Admin;
 use crate::config::{Config, LogFormat, Mode, SettingsArgs};
+use crate::http::log_lines;
 use crate::http::server::{self, Workers};
 use crate::preagg::Engine;
 use crate::preagg::clickhouse::ClickHouse;
@@ -27,31 +26,19 @@ use crate::shadow::Shadow;
 /// Changes the log filter of a running process.
 pub type LogFilterHandle = reload::Handle<EnvFilter, Registry>;
 
-/// Log lines waiting for the writer thread; beyond this a logging thread waits (nothing is lost).
-/// Small enough to be written out in the second the writer is given at exit.
-const LOG_QUEUE_LINES: usize = 8 * 1024;
-
-/// Installs the tracing subscriber (text or JSON lines on stderr); the filter can be reloaded.
-///
-/// Lines are written by a thread of their own, in batches: a request's access line costs its
-/// worker the formatting, not a write to stderr. Keep the returned guard until the process ends;
-/// dropping it writes out what is still queued.
-pub fn init_logging(format: LogFormat, filter: &str) -> (LogFilterHandle, WorkerGuard) {
+/// Installs the tracing subscriber (text or JSON lines on stderr, batched on worker threads: see
+/// [`log_lines`]); the filter can be reloaded.
+pub fn init_logging(format: LogFormat, filter: &str) -> LogFilterHandle {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
     let (filter, handle) = reload::Layer::new(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .thread_name("preagg-log")
-        .finish(BufWriter::new(std::io::stderr()));
-    let lines = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer);
+    let lines = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(log_lines::Stderr);
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
         LogFormat::Text => registry.with(lines).try_init(),
         LogFormat::Json => registry.with(lines.json().flatten_event(true)).try_init(),
     };
-    (handle, guard)
+    handle
 }
 
 /// Where the configuration came from, to read it again on SIGHUP.

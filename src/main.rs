@@ -133,7 +133,7 @@ fn main() -> ExitCode {
 
 fn serve(file: Option<PathBuf>, settings: SettingsArgs) -> anyhow::Result<()> {
     let config = Config::load(&settings, file.as_deref())?;
-    let (log, _log_writer) = app::init_logging(config.log_format, &config.log_filter);
+    let log = app::init_logging(config.log_format, &config.log_filter);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(app::serve(config, app::ConfigSource { args: settings, file, log }))
 }
@@ -217,7 +217,7 @@ fn run_warm(
     settings: SettingsArgs,
 ) -> anyhow::Result<()> {
     let config = Config::load(&settings, config_file.as_deref())?;
-    let _log_writer = app::init_logging(config.log_format, "warn").1;
+    app::init_logging(config.log_format, "warn");
     let texts = if files.is_empty() {
         vec![("-".to_string(), read_stdin()?)]
     } else {

@@ -1,7 +1,9 @@
-//! The ClickHouse HTTP side: the request model, forwarding, the accept loop and the access log.
+//! The ClickHouse HTTP side: the request model, forwarding, the accept loop, the access log and
+//! where log lines go.
 
 pub mod access;
 pub mod forward;
+pub mod log_lines;
 pub mod preface;
 pub mod request;
 pub mod server;

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::preface;
+use super::{log_lines, preface};
 
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -148,12 +148,14 @@ impl Workers {
             release: CancellationToken::new(),
         };
         for index in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().on_thread_park(log_lines::flush).build()?;
             let (inbox, mut connections) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
             let (handler, release) = (make_handler(), workers.release.clone());
             let open = Arc::clone(&open);
             let (drained, drained_receiver) = oneshot::channel();
             let thread = std::thread::Builder::new().name(format!("preagg-worker-{index}")).spawn(move || {
+                log_lines::batch_this_thread();
                 runtime.block_on(async move {
                     let graceful = GracefulShutdown::new();
                     // Until the accept loop is gone: every connection it handed over is served.
@@ -172,6 +174,9 @@ impl Workers {
                     // usable until every worker has drained.
                     release.cancelled().await;
                 });
+                // Requests cut off at the deadline are logged as their tasks are dropped.
+                drop(runtime);
+                log_lines::flush();
             })?;
             workers.inboxes.push(inbox);
             workers.threads.push(thread);
