@@ -36,6 +36,19 @@ prerequisites() {
     PROXY_BIN="$repo/target/release/preagg-proxy"
 }
 
+# build_revision REV: builds preagg-proxy (release) as of git revision REV in .work/baseline-REV
+# (once) and prints the binary's path.
+build_revision() {
+    local dir="$repo/.work/baseline-$1"
+    if [ ! -x "$dir/target/release/preagg-proxy" ]; then
+        say "Building preagg-proxy at $1 (release, once)"
+        rm -rf "$dir" && mkdir -p "$dir/src"
+        git -C "$repo" archive "$1" | tar -x -C "$dir/src"
+        (cd "$dir/src" && CARGO_TARGET_DIR="$dir/target" cargo build --release --locked --quiet --bin preagg-proxy) >&2
+    fi
+    echo "$dir/target/release/preagg-proxy"
+}
+
 # CPU time used by everything on the machine over one second, in percent of all cores.
 cpu_busy() {
     local a b

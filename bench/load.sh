@@ -23,6 +23,9 @@
 #   BENCH_EVENTS (1000000)        generated events (kept in .work/bench-data and reused)
 #   BENCH_WRK_THREADS (1)         wrk threads (the machine running everything has few cores)
 #   BENCH_SECTIONS ("static clickhouse")
+#   BENCH_BASELINE (unset)        a git revision: its release build joins the static section as
+#                                 "preagg-proxy --mode off @REV", a before/after in one run
+#                                 (built once in .work/baseline-REV)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -66,6 +69,14 @@ start_hop "$hop_static_port" "$hop_clickhouse_port" "$static_port" "$CLICKHOUSE_
 start_proxy off "$proxy_off_port" "http://127.0.0.1:$static_port" off
 start_proxy quiet "$proxy_quiet_port" "http://127.0.0.1:$static_port" off --log-filter warn
 start_proxy rewrite "$proxy_rewrite_port" "http://127.0.0.1:$static_port" rewrite
+static_paths=(direct nginx "preagg-proxy --mode off" "preagg-proxy --mode off, no access log" "preagg-proxy --mode rewrite")
+if [ -n "${BENCH_BASELINE:-}" ]; then
+    baseline_path="preagg-proxy --mode off @$BENCH_BASELINE"
+    proxy_baseline_port=$(free_port)
+    PROXY_BIN=$(build_revision "$BENCH_BASELINE") start_proxy baseline "$proxy_baseline_port" \
+        "http://127.0.0.1:$static_port" off
+    static_paths+=("$baseline_path")
+fi
 
 # preagg_header URL FILE: the X-Preagg header of one answer.
 preagg_header() {
@@ -100,6 +111,7 @@ if [[ " $sections " == *" static "* ]]; then
         ["preagg-proxy --mode off, no access log"]="http://127.0.0.1:$proxy_quiet_port"
         ["preagg-proxy --mode rewrite"]="http://127.0.0.1:$proxy_rewrite_port"
     )
+    [ -z "${baseline_path:-}" ] || static_urls[$baseline_path]="http://127.0.0.1:$proxy_baseline_port"
     declare -A static_pids=(
         [direct]=$(cat "$work/static.pid")
         [nginx]=$(cat "$work/hop.pid")
@@ -107,9 +119,9 @@ if [[ " $sections " == *" static "* ]]; then
         ["preagg-proxy --mode off, no access log"]=$PROXY_PID_quiet
         ["preagg-proxy --mode rewrite"]=$PROXY_PID_rewrite
     )
+    [ -z "${baseline_path:-}" ] || static_pids[$baseline_path]=$PROXY_PID_baseline
     for c in $connections; do
-        for path in direct nginx "preagg-proxy --mode off" "preagg-proxy --mode off, no access log" \
-            "preagg-proxy --mode rewrite"; do
+        for path in "${static_paths[@]}"; do
             quiet_machine
             run_wrk "$c" "$warmup" "${static_urls[$path]}/" "$passthrough_query" 10s >/dev/null
             cell static "pass-through SELECT" "$path" "$c" "${static_urls[$path]}/" "$passthrough_query" \
