@@ -91,7 +91,11 @@ pub const KEYS: &[KeySpec] = &[
     key("job_cache_capacity", Some("10000"), "Job lookups cached in memory (entries)"),
     key("job_cache_ttl", Some("30s"), "How long a cached job lookup is trusted before it is read again"),
     key("jobs_per_user", Some("false"), "Keep preaggregates per ClickHouse user (the user joins the query hash)"),
-    key("max_parse_time", Some("50ms"), "Parse-time budget per query; slower analysis passes the query through"),
+    key(
+        "max_parse_time",
+        Some("50ms"),
+        "CPU-time budget for analyzing one query; slower analysis passes the query through",
+    ),
     key("shadow_sample_rate", Some("1.0"), "Share of matching queries compared in shadow mode (0.0 to 1.0)"),
     key("shadow_concurrency", Some("2"), "Shadow comparisons running at once"),
     key("shadow_queue", Some("64"), "Shadow comparisons waiting; more are dropped and counted"),

@@ -21,6 +21,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cpu_time::ThreadTime;
+
 use crate::outcome::Reason;
 use crate::rules::Rule;
 use hash::HashContext;
@@ -74,10 +76,34 @@ pub fn prefilter<'r>(rules: &'r [Arc<Rule>], text: &str) -> Vec<&'r Arc<Rule>> {
         .collect()
 }
 
+/// Time spent by the current thread since a start.
+enum BudgetClock {
+    /// The thread's CPU time.
+    Cpu(ThreadTime),
+    /// Wall time, where the platform has no thread clock.
+    Wall(Instant),
+}
+
+impl BudgetClock {
+    fn start() -> BudgetClock {
+        ThreadTime::try_now().map_or_else(|_| BudgetClock::Wall(Instant::now()), BudgetClock::Cpu)
+    }
+
+    fn spent(&self) -> Duration {
+        match self {
+            BudgetClock::Cpu(started) => started.try_elapsed().unwrap_or(Duration::MAX),
+            BudgetClock::Wall(started) => started.elapsed(),
+        }
+    }
+}
+
 /// Finds every occurrence of a rule's pattern in `text`. Fails with the reason of the most
 /// promising refused candidate when there is none.
+///
+/// `budget` bounds the CPU time the analysis may use on its thread (wall time where the platform
+/// has no thread clock), so that a machine busy with other work does not stretch it.
 pub fn analyze(rules: &[Arc<Rule>], text: &str, context: &Context, budget: Duration) -> Result<Analysis, Reason> {
-    let started = Instant::now();
+    let started = BudgetClock::start();
     let applicable = prefilter(rules, text);
     if applicable.is_empty() {
         return Err(Reason::NotExperimentQuery);
@@ -119,7 +145,7 @@ pub fn analyze(rules: &[Arc<Rule>], text: &str, context: &Context, budget: Durat
                 Err(reason) => refused.push(reason),
             }
         }
-        if started.elapsed() > budget {
+        if started.spent() > budget {
             return Err(Reason::ParseBudgetExceeded);
         }
     }
