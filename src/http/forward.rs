@@ -139,12 +139,17 @@ const MAX_IDLE: usize = 256;
 #[derive(Clone)]
 pub struct Upstream {
     connector: hyper_rustls::HttpsConnector<HttpConnector>,
-    idle: Arc<Mutex<Vec<Idle>>>,
+    pool: Arc<Pool>,
     endpoint: Endpoint,
     host: HeaderValue,
-    max_idle: usize,
     connect_timeout: Duration,
     timeout: Duration,
+}
+
+/// Idle keep-alive connections, most recently used last.
+struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
 }
 
 /// A connection waiting for its next request.
@@ -153,44 +158,59 @@ struct Idle {
     since: Instant,
 }
 
+impl Pool {
+    fn new(max_idle: usize) -> Arc<Pool> {
+        Arc::new(Pool { idle: Mutex::default(), max_idle })
+    }
+
+    /// The most recently used idle connection that is still open and ready.
+    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(entry) = idle.pop() {
+            if entry.sender.is_ready() && entry.since.elapsed() <= IDLE_TIMEOUT {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    /// Puts a ready connection back (unless `max_idle` are idle already), and closes the oldest
+    /// idle one if it idled too long.
+    fn release(&self, sender: SendRequest<ProxyBody>) {
+        let Ok(mut idle) = self.idle.lock() else { return };
+        if idle.first().is_some_and(|oldest| oldest.since.elapsed() > IDLE_TIMEOUT) {
+            idle.remove(0);
+        }
+        if idle.len() < self.max_idle {
+            idle.push(Idle { sender, since: Instant::now() });
+        }
+    }
+}
+
 /// A connection carrying a request; it returns to its pool when dropped.
 struct Lease {
     sender: Option<SendRequest<ProxyBody>>,
-    idle: Arc<Mutex<Vec<Idle>>>,
-    max_idle: usize,
+    pool: Arc<Pool>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let Some(sender) = self.sender.take() else { return };
-        let max_idle = self.max_idle;
         if sender.is_ready() {
-            release(&self.idle, sender, max_idle);
+            self.pool.release(sender);
         } else if !sender.is_closed() {
             // Still finishing its exchange (the rest of a request body the upstream did not
             // wait for, say): pooled once it is done, without holding up anyone.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let idle = Arc::clone(&self.idle);
+                let pool = Arc::clone(&self.pool);
                 runtime.spawn(async move {
                     let mut sender = sender;
                     if sender.ready().await.is_ok() {
-                        release(&idle, sender, max_idle);
+                        pool.release(sender);
                     }
                 });
             }
         }
-    }
-}
-
-/// Puts a ready connection into the pool (unless `max_idle` are idle already), and closes the
-/// oldest idle one if it idled too long.
-fn release(idle: &Mutex<Vec<Idle>>, sender: SendRequest<ProxyBody>, max_idle: usize) {
-    let Ok(mut idle) = idle.lock() else { return };
-    if idle.first().is_some_and(|oldest| oldest.since.elapsed() > IDLE_TIMEOUT) {
-        idle.remove(0);
-    }
-    if idle.len() < max_idle {
-        idle.push(Idle { sender, since: Instant::now() });
     }
 }
 
@@ -234,14 +254,14 @@ impl Upstream {
             .enable_http1()
             .wrap_connector(http);
         let host = host_header(&endpoint.uri);
-        Upstream { connector, idle: Arc::default(), endpoint, host, max_idle: MAX_IDLE, connect_timeout, timeout }
+        Upstream { connector, pool: Pool::new(MAX_IDLE), endpoint, host, connect_timeout, timeout }
     }
 
     /// A client to the same endpoint with the same timeouts and a connection pool of its own,
     /// one of `pools` that share out the idle connections this client would keep.
     pub fn with_own_pool(&self, pools: usize) -> Upstream {
         let mut upstream = Upstream::new(self.endpoint.clone(), self.connect_timeout, self.timeout);
-        upstream.max_idle = MAX_IDLE.div_ceil(pools.max(1));
+        upstream.pool = Pool::new(MAX_IDLE.div_ceil(pools.max(1)));
         upstream
     }
 
@@ -286,13 +306,13 @@ impl Upstream {
     async fn exchange(&self, request: Request<ProxyBody>) -> Result<Response<UpstreamBody>, UpstreamError> {
         let mut request = request;
         loop {
-            let (mut sender, reused) = match self.checkout() {
+            let (mut sender, reused) = match self.pool.checkout() {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    let lease = Lease { sender: Some(sender), idle: Arc::clone(&self.idle), max_idle: self.max_idle };
+                    let lease = Lease { sender: Some(sender), pool: Arc::clone(&self.pool) };
                     return Ok(response.map(|body| UpstreamBody { body, _lease: lease }));
                 }
                 Err(mut error) => match error.take_message() {
@@ -301,17 +321,6 @@ impl Upstream {
                 },
             }
         }
-    }
-
-    /// The most recently used idle connection that is still open and ready.
-    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
-        let mut idle = self.idle.lock().ok()?;
-        while let Some(entry) = idle.pop() {
-            if entry.sender.is_ready() && entry.since.elapsed() <= IDLE_TIMEOUT {
-                return Some(entry.sender);
-            }
-        }
-        None
     }
 
     /// Opens a connection and starts driving it on the current runtime.

@@ -179,8 +179,8 @@ impl ProxyProcess {
             command.args(["--log-filter", "info"]);
         }
         if !settings.iter().any(|(k, _)| *k == "max_parse_time" || *k == "config") {
-            // The production budget (50 ms of wall time) is sized for release builds; this debug
-            // build analyzes many times slower, and tests run side by side on two cores.
+            // The production budget (50 ms of CPU time) is sized for release builds; this debug
+            // build analyzes many times slower.
             command.args(["--max-parse-time", "2s"]);
         }
         for (key, value) in settings {
