@@ -31,6 +31,7 @@ pub type LogFilterHandle = reload::Handle<EnvFilter, Registry>;
 pub fn init_logging(format: LogFormat, filter: &str) -> LogFilterHandle {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
     let (filter, handle) = reload::Layer::new(filter);
+    log_lines::set_format(format);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let lines = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(log_lines::Stderr);
     let registry = tracing_subscriber::registry().with(filter);

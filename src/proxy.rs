@@ -190,7 +190,7 @@ impl Proxy {
                         rule: summary.rule.clone(),
                         hashes: rewritten.hashes,
                         job_ids: rewritten.job_ids,
-                        original: full.clone(),
+                        original: full.to_string(),
                         rewritten: rewritten.text,
                         path,
                         params,
@@ -339,7 +339,7 @@ fn query_text(
         None
     } else {
         let decoded = request::decode_body(raw, encoding, cap)?;
-        Some(String::from_utf8(decoded.to_vec()).map_err(|_| request::RequestError::NotUtf8)?)
+        Some(String::from_utf8(decoded).map_err(|_| request::RequestError::NotUtf8)?)
     };
     Ok(QueryText { url_part: url_query, body_part })
 }

@@ -5,9 +5,9 @@
 //! `Content-Encoding` are decoded to read the text; forwarding an untouched request keeps the
 //! original bytes.
 
+use std::borrow::Cow;
 use std::io::Read;
 
-use bytes::Bytes;
 use http::{HeaderMap, Uri, header};
 
 /// Errors reading a request as ClickHouse would.
@@ -61,7 +61,7 @@ impl StatementKind {
 /// Classifies a query by its first keyword, skipping whitespace and comments.
 pub fn statement_kind(text: &str) -> StatementKind {
     let rest = skip_space_and_comments(text);
-    let word: String = rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+    let word = &rest[..rest.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(rest.len())];
     if rest.is_empty() {
         StatementKind::Empty
     } else if rest.starts_with('(') || word.eq_ignore_ascii_case("select") || word.eq_ignore_ascii_case("with") {
@@ -106,7 +106,7 @@ impl UrlParams {
 
     /// The decoded value of the last parameter named `name` (ClickHouse takes the last one).
     pub fn get(&self, name: &str) -> Option<String> {
-        self.pairs().filter(|(k, _)| k == name).last().map(|(_, v)| v)
+        form_urlencoded::parse(self.raw.as_bytes()).filter(|(k, _)| k == name).last().map(|(_, v)| v.into_owned())
     }
 
     /// The raw query string with every `query=` parameter's value replaced by `value`,
@@ -147,13 +147,13 @@ pub enum TextPart {
 }
 
 impl QueryText {
-    /// The query as ClickHouse sees it: `url_part + "\n" + body_part`.
-    pub fn full(&self) -> String {
+    /// The query as ClickHouse sees it: `url_part + "\n" + body_part` (borrowed when one part
+    /// is all there is).
+    pub fn full(&self) -> Cow<'_, str> {
         match (&self.url_part, &self.body_part) {
-            (Some(u), Some(b)) => format!("{u}\n{b}"),
-            (Some(u), None) => u.clone(),
-            (None, Some(b)) => b.clone(),
-            (None, None) => String::new(),
+            (Some(u), Some(b)) => Cow::Owned(format!("{u}\n{b}")),
+            (Some(only), None) | (None, Some(only)) => Cow::Borrowed(only),
+            (None, None) => Cow::Borrowed(""),
         }
     }
 
@@ -204,9 +204,9 @@ pub fn is_multipart(headers: &HeaderMap) -> bool {
 }
 
 /// Decodes a complete body under `encoding`, refusing to inflate beyond `cap` bytes.
-pub fn decode_body(raw: &[u8], encoding: Option<&str>, cap: usize) -> Result<Bytes, RequestError> {
+pub fn decode_body(raw: &[u8], encoding: Option<&str>, cap: usize) -> Result<Vec<u8>, RequestError> {
     let Some(encoding) = encoding else {
-        return Ok(Bytes::copy_from_slice(raw));
+        return Ok(raw.to_vec());
     };
     let decode_error =
         |e: std::io::Error| RequestError::Decode { encoding: encoding.to_string(), message: e.to_string() };
@@ -222,7 +222,7 @@ pub fn decode_body(raw: &[u8], encoding: Option<&str>, cap: usize) -> Result<Byt
     if out.len() > cap {
         return Err(RequestError::TooLarge(cap));
     }
-    Ok(Bytes::from(out))
+    Ok(out)
 }
 
 /// Decodes as much of a body prefix as possible (for a body too large to read whole), to see

@@ -148,8 +148,7 @@ impl Workers {
             release: CancellationToken::new(),
         };
         for index in 0..count {
-            let runtime =
-                tokio::runtime::Builder::new_current_thread().enable_all().on_thread_park(log_lines::flush).build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (inbox, mut connections) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
             let (handler, release) = (make_handler(), workers.release.clone());
             let open = Arc::clone(&open);
@@ -157,6 +156,14 @@ impl Workers {
             let thread = std::thread::Builder::new().name(format!("preagg-worker-{index}")).spawn(move || {
                 log_lines::batch_this_thread();
                 runtime.block_on(async move {
+                    let log_flush = tokio::spawn(async {
+                        let mut every = tokio::time::interval(log_lines::FLUSH_INTERVAL);
+                        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        loop {
+                            every.tick().await;
+                            log_lines::flush();
+                        }
+                    });
                     let graceful = GracefulShutdown::new();
                     // Until the accept loop is gone: every connection it handed over is served.
                     while let Some((stream, peer)) = connections.recv().await {
@@ -173,6 +180,7 @@ impl Workers {
                     // Connections this runtime opened (pooled, shared with other workers) stay
                     // usable until every worker has drained.
                     release.cancelled().await;
+                    log_flush.abort();
                 });
                 // Requests cut off at the deadline are logged as their tasks are dropped.
                 drop(runtime);
