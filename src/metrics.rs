@@ -64,7 +64,10 @@ fn describe() {
     describe_gauge!("preagg_requests_in_flight", "Requests whose response body is not finished");
     describe_histogram!("preagg_request_duration_seconds", "Time from request to the end of the response body");
     describe_histogram!("preagg_upstream_latency_seconds", "Time from forwarding to the upstream's response headers");
-    describe_histogram!("preagg_analysis_seconds", "Time to locate and match (tokenize, parse)");
+    describe_histogram!(
+        "preagg_analysis_seconds",
+        "Time to locate and match (tokenize, parse) a query that passed the prefilter"
+    );
     describe_histogram!("preagg_plan_seconds", "Time to plan windows (job lookups included)");
     describe_histogram!("preagg_rewrite_seconds", "Time to produce the rewritten text");
     describe_counter!("preagg_builds_started_total", "Window builds started (one build may fill many windows)");

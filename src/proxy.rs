@@ -180,6 +180,9 @@ impl Proxy {
         let Some(engine) = self.engine.get() else {
             return self.forward(parts, Forward::Original(raw), Reason::StoreUnavailable).await;
         };
+        if let Some(reason) = engine.dismiss(&full) {
+            return self.forward(parts, Forward::Original(raw), reason).await;
+        }
         let context = QueryContext::from_request(&params, &parts.headers);
         match engine.decide(&context, &full, deferred).await {
             Decision::Forward(reason) => self.forward(parts, Forward::Original(raw), reason).await,

@@ -298,6 +298,16 @@ impl Engine {
         result
     }
 
+    /// Why a query can be forwarded untouched without a closer look, if it can: the mode is off,
+    /// or no rule's prefilter literals all occur in the text (a memchr scan). Most queries end
+    /// here, before the request's context is read or the analysis is timed.
+    pub fn dismiss(&self, text: &str) -> Option<Reason> {
+        if self.settings().mode == Mode::Off {
+            return Some(Reason::ModeOff);
+        }
+        sql::prefilter(&self.rules(), text).is_empty().then_some(Reason::NotExperimentQuery)
+    }
+
     /// Decides what to do with a SELECT: the request path's "decide" phase. Background builds it
     /// needs are left in `deferred`, to be started once the answer is sent.
     pub async fn decide(self: &Arc<Self>, context: &QueryContext, text: &str, deferred: &mut Deferred) -> Decision {

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# User-space instructions per pass-through request, counted by valgrind's callgrind: the nginx hop
+# (one worker process) and preagg-proxy (release) under the same wrk load against the static
+# upstream (bench/queries/passthrough.sql). Unlike the timings of bench/load.sh, instruction counts
+# do not move with the other tenants of a virtual machine, so small changes to the request path
+# can be compared run to run. Kernel work (TCP, two sockets per request) is not counted: it is the
+# same for every hop. Prints a markdown report on stdout (progress on stderr):
+#
+#     bench/instructions.sh | tee bench/results/instructions-$(date +%F).md
+#
+# Each path: started under callgrind, BENCH_WARMUP (2) seconds of load (not counted), counters
+# zeroed, BENCH_SECONDS (5) seconds of load at BENCH_CONNECTIONS (16), counters dumped; the
+# figure is the dump's instruction total over the requests wrk completed. Environment:
+#   BENCH_BASELINE (unset)   a git revision whose release build joins as "preagg-proxy --mode off @REV"
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+seconds=${BENCH_SECONDS:-5}
+warmup=${BENCH_WARMUP:-2}
+connections=${BENCH_CONNECTIONS:-16}
+query="$bench/queries/passthrough.sql"
+
+work="$repo/.work/bench-instructions"
+rm -rf "$work" && mkdir -p "$work/tmp"
+results="$work/results.tsv"
+: >"$results"
+
+prerequisites
+command -v callgrind_control >/dev/null || {
+    say "Installing valgrind (apt-get)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+}
+
+static_port=$(free_port)
+say "Starting the static upstream"
+start_static "$static_port"
+
+# under_callgrind NAME PORT COMMAND...: runs COMMAND under callgrind (output in $work/NAME.*),
+# waits for PORT, measures, prints "requests instructions", stops it.
+under_callgrind() {
+    local name=$1 port=$2 pid requests total
+    shift 2
+    valgrind --tool=callgrind --callgrind-out-file="$work/$name.callgrind" "$@" >"$work/$name.log" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    local i
+    for i in $(seq 1 600); do
+        curl -sf -o /dev/null --data-binary @"$query" "http://127.0.0.1:$port/" && break
+        kill -0 "$pid" 2>/dev/null || { cat "$work/$name.log" >&2; die "$name exited"; }
+        sleep 0.2
+    done
+    run_wrk "$connections" "$warmup" "http://127.0.0.1:$port/" "$query" 10s >/dev/null
+    callgrind_control -z "$pid" >/dev/null
+    requests=$(field requests "$(run_wrk "$connections" "$seconds" "http://127.0.0.1:$port/" "$query" 10s)")
+    callgrind_control -d "$pid" >/dev/null
+    for i in $(seq 1 100); do
+        [ -s "$work/$name.callgrind.1" ] && grep -q '^totals:' "$work/$name.callgrind.1" && break
+        sleep 0.2
+    done
+    total=$(sed -n 's/^totals: *//p' "$work/$name.callgrind.1" | head -1)
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    echo "$requests $total"
+}
+
+record() {
+    local path=$1 requests total
+    read -r requests total
+    [ "${requests:-0}" -gt 0 ] && [ -n "$total" ] || die "$path: no measurement"
+    say "$path: $requests requests, $((total / requests)) instructions per request"
+    printf '%s\t%s\t%s\n' "$path" "$requests" "$total" >>"$results"
+}
+
+# The nginx hop as one process (no master), so that callgrind sees the worker.
+hop_port=$(free_port)
+render "$bench/nginx/hop.conf.in" "$work/hop.conf" WORKERS=1 WORK="$work" \
+    HOP_STATIC_PORT="$hop_port" HOP_CLICKHOUSE_PORT="$(free_port)" STATIC_PORT="$static_port" \
+    CLICKHOUSE_PORT="$(free_port)"
+echo "master_process off;" >>"$work/hop.conf"
+say "nginx under callgrind"
+under_callgrind nginx "$hop_port" "$NGINX" -e "$work/hop.error.log" -c "$work/hop.conf" -p "$work" | record nginx
+
+# proxy NAME PATH BINARY MODE [FLAG...]
+proxy() {
+    local name=$1 path=$2 binary=$3 mode=$4 port admin
+    shift 4
+    port=$(free_port)
+    admin=$(free_port)
+    mkdir -p "$work/$name"
+    say "$path under callgrind"
+    under_callgrind "$name" "$port" "$binary" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+        --upstream "http://127.0.0.1:$static_port" --mode "$mode" --rules "$repo/rules" \
+        --store "sqlite://$work/$name/jobs.db" "$@" | record "$path"
+}
+proxy off "preagg-proxy --mode off" "$PROXY_BIN" off
+proxy rewrite "preagg-proxy --mode rewrite" "$PROXY_BIN" rewrite
+proxy quiet "preagg-proxy --mode off, no access log" "$PROXY_BIN" off --log-filter warn
+if [ -n "${BENCH_BASELINE:-}" ]; then
+    proxy baseline "preagg-proxy --mode off @$BENCH_BASELINE" "$(build_revision "$BENCH_BASELINE")" off
+fi
+
+{
+    echo "# User-space instructions per pass-through request ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+    echo
+    machine_facts
+    echo "- callgrind ($(valgrind --version)); wrk 1 thread, $connections connections, ${warmup}s warm-up then ${seconds}s counted"
+    echo "- static upstream (nginx answering \`1\\n\` with ClickHouse's headers); nginx hop with one worker, no master"
+    echo "- instructions of the hop's process in user space (libraries included, kernel not)"
+    echo
+    echo "| path | requests counted | instructions / request | vs nginx |"
+    echo "|---|---:|---:|---:|"
+    awk -F'\t' '{ per = $3 / $2; if (NR == 1) base = per;
+        printf "| %s | %d | %d | %.2f× |\n", $1, $2, per, per / base }' "$results"
+} | tee "$work/report.md"
