@@ -26,27 +26,29 @@ results="$work/results.tsv"
 : >"$results"
 
 prerequisites
-command -v callgrind_control >/dev/null || {
-    say "Installing valgrind (apt-get)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
-}
+command -v callgrind_control >/dev/null || apt_install valgrind
 
 static_port=$(free_port)
 say "Starting the static upstream"
 start_static "$static_port"
 
-# under_callgrind NAME PORT COMMAND...: runs COMMAND under callgrind (output in $work/NAME.*),
-# waits for PORT, measures, prints "requests instructions", stops it.
-under_callgrind() {
-    local name=$1 port=$2 pid requests total
-    shift 2
+# measure NAME PATH PORT READY COMMAND...: runs COMMAND under callgrind (files in $work/NAME.*),
+# waits until it answers on PORT and its log has READY (a regular expression, or empty), counts
+# one load, stops it, and records "PATH requests instructions".
+measure() {
+    local name=$1 path=$2 port=$3 ready=$4 pid requests total i
+    shift 4
+    say "$path under callgrind"
     valgrind --tool=callgrind --callgrind-out-file="$work/$name.callgrind" "$@" >"$work/$name.log" 2>&1 &
     pid=$!
     pids+=("$pid")
-    local i
     for i in $(seq 1 600); do
-        curl -sf -o /dev/null --data-binary @"$query" "http://127.0.0.1:$port/" && break
-        kill -0 "$pid" 2>/dev/null || { cat "$work/$name.log" >&2; die "$name exited"; }
+        kill -0 "$pid" 2>/dev/null || { cat "$work/$name.log" >&2; die "$path exited"; }
+        if curl -sf -o /dev/null --data-binary @"$query" "http://127.0.0.1:$port/" &&
+            { [ -z "$ready" ] || grep -q "$ready" "$work/$name.log"; }; then
+            break
+        fi
+        [ "$i" -lt 600 ] || die "$path: not ready after 2 minutes"
         sleep 0.2
     done
     run_wrk "$connections" "$warmup" "http://127.0.0.1:$port/" "$query" 10s >/dev/null
@@ -54,18 +56,12 @@ under_callgrind() {
     requests=$(field requests "$(run_wrk "$connections" "$seconds" "http://127.0.0.1:$port/" "$query" 10s)")
     callgrind_control -d "$pid" >/dev/null
     for i in $(seq 1 100); do
-        [ -s "$work/$name.callgrind.1" ] && grep -q '^totals:' "$work/$name.callgrind.1" && break
+        grep -qs '^totals:' "$work/$name.callgrind.1" && break
         sleep 0.2
     done
     total=$(sed -n 's/^totals: *//p' "$work/$name.callgrind.1" | head -1)
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
-    echo "$requests $total"
-}
-
-record() {
-    local path=$1 requests total
-    read -r requests total
     [ "${requests:-0}" -gt 0 ] && [ -n "$total" ] || die "$path: no measurement"
     say "$path: $requests requests, $((total / requests)) instructions per request"
     printf '%s\t%s\t%s\n' "$path" "$requests" "$total" >>"$results"
@@ -77,8 +73,7 @@ render "$bench/nginx/hop.conf.in" "$work/hop.conf" WORKERS=1 WORK="$work" \
     HOP_STATIC_PORT="$hop_port" HOP_CLICKHOUSE_PORT="$(free_port)" STATIC_PORT="$static_port" \
     CLICKHOUSE_PORT="$(free_port)"
 echo "master_process off;" >>"$work/hop.conf"
-say "nginx under callgrind"
-under_callgrind nginx "$hop_port" "$NGINX" -e "$work/hop.error.log" -c "$work/hop.conf" -p "$work" | record nginx
+measure nginx nginx "$hop_port" "" "$NGINX" -e "$work/hop.error.log" -c "$work/hop.conf" -p "$work"
 
 # proxy NAME PATH BINARY MODE [FLAG...]
 proxy() {
@@ -87,10 +82,12 @@ proxy() {
     port=$(free_port)
     admin=$(free_port)
     mkdir -p "$work/$name"
-    say "$path under callgrind"
-    under_callgrind "$name" "$port" "$binary" serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-        --upstream "http://127.0.0.1:$static_port" --mode "$mode" --rules "$repo/rules" \
-        --store "sqlite://$work/$name/jobs.db" "$@" | record "$path"
+    # Unless the mode is off, queries pass through as store_unavailable until the engine is ready.
+    local ready="engine ready"
+    [ "$mode" != off ] || ready=""
+    measure "$name" "$path" "$port" "$ready" "$binary" serve --listen "127.0.0.1:$port" \
+        --admin-listen "127.0.0.1:$admin" --upstream "http://127.0.0.1:$static_port" --mode "$mode" \
+        --rules "$repo/rules" --store "sqlite://$work/$name/jobs.db" "$@"
 }
 proxy off "preagg-proxy --mode off" "$PROXY_BIN" off
 proxy rewrite "preagg-proxy --mode rewrite" "$PROXY_BIN" rewrite

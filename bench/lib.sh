@@ -18,18 +18,21 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# apt_install PACKAGE...: installs Debian packages (as root, or with sudo).
+apt_install() {
+    say "Installing $* (apt-get)"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 # Installs nginx and wrk from Debian when missing, and builds the proxy (release).
 prerequisites() {
     local missing=()
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
     command -v wrk >/dev/null || missing+=(wrk)
-    if [ "${#missing[@]}" -gt 0 ]; then
-        say "Installing ${missing[*]} (apt-get)"
-        local sudo=""
-        [ "$(id -u)" = 0 ] || sudo=sudo
-        $sudo apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
     NGINX=$(command -v nginx || echo /usr/sbin/nginx)
     say "Building preagg-proxy (release)"
     (cd "$repo" && cargo build --release --locked --quiet)

@@ -9,6 +9,7 @@
 //! sixth of a pass-through request's CPU time.
 
 use std::cell::Cell;
+use std::fmt::Write as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -86,7 +87,20 @@ impl RequestLog {
 impl Drop for RequestLog {
     fn drop(&mut self) {
         let elapsed = self.record.started.elapsed();
-        if tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+        // The fields are named so that field directives of the filter see them.
+        if tracing::enabled!(
+            target: TARGET,
+            tracing::Level::INFO,
+            method,
+            path,
+            status,
+            bytes,
+            duration_ms,
+            kind,
+            query_bytes,
+            outcome,
+            complete
+        ) {
             let line = AccessLine {
                 record: &self.record,
                 bytes: self.bytes,
@@ -113,12 +127,13 @@ struct AccessLine<'a> {
     at: SystemTime,
 }
 
-/// The JSON form of an access line: the fields of the subscriber's JSON lines.
+/// The JSON form of an access line: the keys of the subscriber's JSON lines, in its order
+/// (`duration_ms` is a number; through the subscriber it was a string).
 #[derive(serde::Serialize)]
 struct AccessJson<'a> {
-    #[serde(serialize_with = "collect_str")]
-    timestamp: humantime::Rfc3339Timestamp,
+    timestamp: &'a str,
     level: &'static str,
+    message: &'static str,
     method: &'a str,
     path: &'a str,
     status: u16,
@@ -128,12 +143,7 @@ struct AccessJson<'a> {
     query_bytes: usize,
     outcome: &'static str,
     complete: bool,
-    message: &'static str,
     target: &'static str,
-}
-
-fn collect_str<S: serde::Serializer>(value: &impl std::fmt::Display, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(value)
 }
 
 impl AccessLine<'_> {
@@ -144,9 +154,12 @@ impl AccessLine<'_> {
         let tenths = (self.elapsed.as_micros() + 50) / 100;
         match format {
             LogFormat::Json => {
+                let mut timestamp = Vec::with_capacity(32);
+                write_timestamp(self.at, &mut timestamp);
                 let json = AccessJson {
-                    timestamp: humantime::format_rfc3339_micros(self.at),
+                    timestamp: std::str::from_utf8(&timestamp).unwrap_or_default(),
                     level: "INFO",
+                    message: "request",
                     method: r.method.as_str(),
                     path: r.uri.path(),
                     status: r.status,
@@ -156,11 +169,13 @@ impl AccessLine<'_> {
                     query_bytes: r.query_bytes,
                     outcome: r.outcome,
                     complete: self.complete,
-                    message: "request",
                     target: TARGET,
                 };
-                if serde_json::to_writer(&mut *out, &json).is_ok() {
-                    out.push(b'\n');
+                let start = out.len();
+                match serde_json::to_writer(&mut *out, &json) {
+                    Ok(()) => out.push(b'\n'),
+                    // Nothing half-written runs into the next line.
+                    Err(_) => out.truncate(start),
                 }
             }
             LogFormat::Text => {
@@ -206,7 +221,12 @@ fn write_timestamp(at: SystemTime, out: &mut Vec<u8>) {
     let (cached, mut prefix) = SECOND.get();
     if cached != seconds {
         let formatted = humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds));
-        prefix.copy_from_slice(&formatted.to_string().as_bytes()[..19]);
+        let mut text = String::with_capacity(20);
+        // humantime refuses years past 9999 (a clock that wrong is shown as that year's end).
+        prefix = match write!(text, "{formatted}") {
+            Ok(()) if text.len() >= 19 => text.as_bytes()[..19].try_into().unwrap_or(*b"9999-12-31T23:59:59"),
+            _ => *b"9999-12-31T23:59:59",
+        };
         SECOND.set((seconds, prefix));
     }
     out.extend_from_slice(&prefix);
@@ -300,6 +320,10 @@ mod tests {
         write_timestamp(SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_000_000_000_042), &mut out);
         write_timestamp(SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_000_001_500_000), &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), "2026-11-18T11:06:40.000042Z2026-11-18T11:06:41.500000Z");
+        let mut out = Vec::new();
+        write_timestamp(SystemTime::UNIX_EPOCH - Duration::from_secs(1), &mut out);
+        write_timestamp(SystemTime::UNIX_EPOCH + Duration::from_secs(400_000_000_000), &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), "1970-01-01T00:00:00.000000Z9999-12-31T23:59:59.000000Z");
     }
 
     #[test]

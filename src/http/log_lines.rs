@@ -10,6 +10,7 @@
 
 use std::cell::RefCell;
 use std::io::{self, Write};
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -62,10 +63,29 @@ pub fn write_line(write: impl FnOnce(&mut Vec<u8>)) {
     }
 }
 
-/// Makes the current thread batch its log lines; it must call [`flush`] every
-/// [`FLUSH_INTERVAL`] and before it ends.
-pub fn batch_this_thread() {
+/// Makes the current thread batch its log lines until the returned guard is dropped, which writes
+/// out what is left (also when the thread unwinds from a panic) and lets later lines go out at
+/// once. Meanwhile the thread must call [`flush`] every [`FLUSH_INTERVAL`].
+#[must_use = "lines are batched only while the guard lives"]
+pub fn batch_this_thread() -> Batching {
     BATCH.with(|batch| *batch.borrow_mut() = Some(Vec::with_capacity(FLUSH_AT)));
+    Batching { _this_thread: PhantomData }
+}
+
+/// The current thread batches its log lines while this lives.
+pub struct Batching {
+    _this_thread: PhantomData<*const ()>,
+}
+
+impl Drop for Batching {
+    fn drop(&mut self) {
+        flush();
+        let _ = BATCH.try_with(|batch| {
+            if let Ok(mut batch) = batch.try_borrow_mut() {
+                *batch = None;
+            }
+        });
+    }
 }
 
 /// Writes out the lines the current thread has batched.
@@ -135,7 +155,7 @@ mod tests {
         std::thread::spawn(|| {
             Stderr.write_all(b"log_lines test: written at once\n").unwrap();
             assert_eq!(batched(), 0);
-            batch_this_thread();
+            let batching = batch_this_thread();
             let line = b"log_lines test: batched\n";
             Stderr.write_all(line).unwrap();
             Stderr.write_all(line).unwrap();
@@ -144,7 +164,10 @@ mod tests {
             assert_eq!(batched(), 0);
             write_line(|out| out.extend_from_slice(line));
             assert_eq!(batched(), line.len());
-            flush();
+            drop(batching);
+            assert_eq!(batched(), 0);
+            Stderr.write_all(b"log_lines test: written at once again\n").unwrap();
+            assert_eq!(batched(), 0);
         })
         .join()
         .unwrap();

@@ -154,7 +154,9 @@ impl Workers {
             let open = Arc::clone(&open);
             let (drained, drained_receiver) = oneshot::channel();
             let thread = std::thread::Builder::new().name(format!("preagg-worker-{index}")).spawn(move || {
-                log_lines::batch_this_thread();
+                // Written out when the thread ends, after the runtime (and what it logs as it
+                // drops the requests cut off at the deadline), or when it panics.
+                let _batching = log_lines::batch_this_thread();
                 runtime.block_on(async move {
                     let log_flush = tokio::spawn(async {
                         let mut every = tokio::time::interval(log_lines::FLUSH_INTERVAL);
@@ -184,7 +186,6 @@ impl Workers {
                 });
                 // Requests cut off at the deadline are logged as their tasks are dropped.
                 drop(runtime);
-                log_lines::flush();
             })?;
             workers.inboxes.push(inbox);
             workers.threads.push(thread);
