@@ -180,11 +180,8 @@ impl Proxy {
         let Some(engine) = self.engine.get() else {
             return self.forward(parts, Forward::Original(raw), Reason::StoreUnavailable).await;
         };
-        if let Some(reason) = engine.dismiss(&full) {
-            return self.forward(parts, Forward::Original(raw), reason).await;
-        }
-        let context = QueryContext::from_request(&params, &parts.headers);
-        match engine.decide(&context, &full, deferred).await {
+        let context = || QueryContext::from_request(&params, &parts.headers);
+        match engine.decide(context, &full, deferred).await {
             Decision::Forward(reason) => self.forward(parts, Forward::Original(raw), reason).await,
             Decision::Rewrite { text: rewritten, summary, shadow: true } => {
                 if let Some(shadow) = &self.shadow {

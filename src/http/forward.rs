@@ -42,24 +42,26 @@ pub fn prefixed(prefix: Vec<Bytes>, rest: Incoming) -> ProxyBody {
     BoxBody::new(StreamBody::new(head.chain(tail)))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
+/// Whether a header describes one connection, not the message (RFC 9110 section 7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names present instead of a lookup per hop-by-hop name; most messages
-    // have none, or only `Connection: keep-alive`.
-    let present: Vec<HeaderName> = headers.keys().filter(|name| HOP_BY_HOP.contains(name)).cloned().collect();
+    // One pass over the names present; most messages have none, or only `Connection: keep-alive`.
+    let present: Vec<HeaderName> = headers.keys().filter(|name| is_hop_by_hop(name)).cloned().collect();
     if present.is_empty() {
         return;
     }
@@ -312,8 +314,7 @@ impl Upstream {
 
     /// Sends `request` on a pooled connection, or on a new one when none is idle or the pooled
     /// one closed before the request could be written (the upstream dropped it while idle).
-    async fn exchange(&self, request: Request<ProxyBody>) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let mut request = request;
+    async fn exchange(&self, mut request: Request<ProxyBody>) -> Result<Response<UpstreamBody>, UpstreamError> {
         loop {
             let (mut sender, reused) = match self.pool.checkout() {
                 Some(sender) => (sender, true),
@@ -386,6 +387,9 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering::SeqCst;
+
     use super::*;
 
     #[test]
@@ -424,15 +428,14 @@ mod tests {
     }
 
     /// A local HTTP/1.1 server answering with the `Host` header it got; counts its connections.
-    async fn counting_server(keep_alive: bool) -> (Endpoint, Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
+    async fn counting_server(keep_alive: bool) -> (Endpoint, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&accepted);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
+                counter.fetch_add(1, SeqCst);
                 let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
                     let host = request.headers().get(header::HOST).cloned();
                     let text = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
@@ -464,7 +467,7 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(text(get(&up).await).await, authority, "the Host header names the upstream");
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(accepted.load(SeqCst), 1);
     }
 
     #[tokio::test]
@@ -473,10 +476,10 @@ mod tests {
         let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
         let unread = get(&up).await;
         let second = get(&up).await;
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(accepted.load(SeqCst), 2);
         drop((text(unread).await, text(second).await));
         get(&up).await;
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2, "both went back to the pool");
+        assert_eq!(accepted.load(SeqCst), 2, "both went back to the pool");
     }
 
     #[tokio::test]
@@ -487,7 +490,7 @@ mod tests {
             text(get(&up).await).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(accepted.load(SeqCst), 3);
     }
 
     #[tokio::test]
@@ -498,7 +501,7 @@ mod tests {
         text(get(&first).await).await;
         text(get(&second).await).await;
         text(get(&first).await).await;
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(accepted.load(SeqCst), 2);
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub fn write_line(write: impl FnOnce(&mut Vec<u8>)) {
 
 /// Makes the current thread batch its log lines until the returned guard is dropped, which writes
 /// out what is left (also when the thread unwinds from a panic) and lets later lines go out at
-/// once. Meanwhile the thread must call [`flush`] every [`FLUSH_INTERVAL`].
+/// once. Meanwhile the thread must run [`flush_periodically`].
 #[must_use = "lines are batched only while the guard lives"]
 pub fn batch_this_thread() -> Batching {
     BATCH.with(|batch| *batch.borrow_mut() = Some(Vec::with_capacity(FLUSH_AT)));
@@ -99,6 +99,17 @@ pub fn flush() {
     });
 }
 
+/// Writes out the current thread's batch every [`FLUSH_INTERVAL`], for as long as it is polled
+/// (a task on the batching thread's own runtime).
+pub async fn flush_periodically() {
+    let mut every = tokio::time::interval(FLUSH_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        flush();
+    }
+}
+
 fn write_out(lines: &mut Vec<u8>) {
     if !lines.is_empty() {
         let _ = io::stderr().write_all(lines);
@@ -120,20 +131,7 @@ impl<'a> MakeWriter<'a> for Stderr {
 
 impl Write for Stderr {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        let batched = BATCH
-            .try_with(|batch| {
-                let Ok(mut batch) = batch.try_borrow_mut() else { return false };
-                let Some(lines) = batch.as_mut() else { return false };
-                lines.extend_from_slice(bytes);
-                if lines.len() >= FLUSH_AT {
-                    write_out(lines);
-                }
-                true
-            })
-            .unwrap_or(false);
-        if !batched {
-            io::stderr().write_all(bytes)?;
-        }
+        write_line(|out| out.extend_from_slice(bytes));
         Ok(bytes.len())
     }
 

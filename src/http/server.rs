@@ -124,6 +124,48 @@ impl Drop for OpenConnection {
     }
 }
 
+/// What one worker thread needs besides its connections and handler.
+struct Worker {
+    index: usize,
+    open: Arc<[AtomicUsize]>,
+    grace: Duration,
+    release: CancellationToken,
+}
+
+impl Worker {
+    /// The worker's event loop: serves every connection the accept loop hands over until the
+    /// accept loop is gone, drains, reports on `drained`, then waits for the release.
+    async fn run<H, F, B>(
+        self,
+        mut connections: mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+        handler: H,
+        drained: oneshot::Sender<()>,
+    ) where
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let log_flush = tokio::spawn(log_lines::flush_periodically());
+        let graceful = GracefulShutdown::new();
+        while let Some((stream, peer)) = connections.recv().await {
+            let counted = OpenConnection { open: Arc::clone(&self.open), worker: self.index };
+            let Ok(stream) = TcpStream::from_std(stream) else { continue };
+            let connection = serve_connection(stream, peer, handler.clone(), graceful.watcher());
+            tokio::spawn(async move {
+                connection.await;
+                drop(counted);
+            });
+        }
+        drain(graceful, &format!("worker {}", self.index), self.grace).await;
+        let _ = drained.send(());
+        // Connections this runtime opened (pooled, shared with other workers) stay usable until
+        // every worker has drained.
+        self.release.cancelled().await;
+        log_flush.abort();
+    }
+}
+
 impl Workers {
     /// Starts `count` worker threads, each serving the connections it is handed with its own
     /// handler from `make_handler`, until the accept loop ends; each then drains for up to
@@ -149,41 +191,15 @@ impl Workers {
         };
         for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let (inbox, mut connections) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
-            let (handler, release) = (make_handler(), workers.release.clone());
-            let open = Arc::clone(&open);
+            let (inbox, connections) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
             let (drained, drained_receiver) = oneshot::channel();
+            let worker = Worker { index, open: Arc::clone(&open), grace, release: workers.release.clone() };
+            let handler = make_handler();
             let thread = std::thread::Builder::new().name(format!("preagg-worker-{index}")).spawn(move || {
                 // Written out when the thread ends, after the runtime (and what it logs as it
                 // drops the requests cut off at the deadline), or when it panics.
                 let _batching = log_lines::batch_this_thread();
-                runtime.block_on(async move {
-                    let log_flush = tokio::spawn(async {
-                        let mut every = tokio::time::interval(log_lines::FLUSH_INTERVAL);
-                        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        loop {
-                            every.tick().await;
-                            log_lines::flush();
-                        }
-                    });
-                    let graceful = GracefulShutdown::new();
-                    // Until the accept loop is gone: every connection it handed over is served.
-                    while let Some((stream, peer)) = connections.recv().await {
-                        let counted = OpenConnection { open: Arc::clone(&open), worker: index };
-                        let Ok(stream) = TcpStream::from_std(stream) else { continue };
-                        let connection = serve_connection(stream, peer, handler.clone(), graceful.watcher());
-                        tokio::spawn(async move {
-                            connection.await;
-                            drop(counted);
-                        });
-                    }
-                    drain(graceful, &format!("worker {index}"), grace).await;
-                    let _ = drained.send(());
-                    // Connections this runtime opened (pooled, shared with other workers) stay
-                    // usable until every worker has drained.
-                    release.cancelled().await;
-                    log_flush.abort();
-                });
+                runtime.block_on(worker.run(connections, handler, drained));
                 // Requests cut off at the deadline are logged as their tasks are dropped.
                 drop(runtime);
             })?;

@@ -298,24 +298,25 @@ impl Engine {
         result
     }
 
-    /// Why a query can be forwarded untouched without a closer look, if it can: the mode is off,
-    /// or no rule's prefilter literals all occur in the text (a memchr scan). Most queries end
-    /// here, before the request's context is read or the analysis is timed.
-    pub fn dismiss(&self, text: &str) -> Option<Reason> {
-        if self.settings().mode == Mode::Off {
-            return Some(Reason::ModeOff);
-        }
-        sql::prefilter(&self.rules(), text).is_empty().then_some(Reason::NotExperimentQuery)
-    }
-
     /// Decides what to do with a SELECT: the request path's "decide" phase. Background builds it
-    /// needs are left in `deferred`, to be started once the answer is sent.
-    pub async fn decide(self: &Arc<Self>, context: &QueryContext, text: &str, deferred: &mut Deferred) -> Decision {
+    /// needs are left in `deferred`, to be started once the answer is sent. `context` is read
+    /// only for a query that some rule's prefilter literals all occur in (a memchr scan): most
+    /// queries are forwarded before it, and before the analysis is timed.
+    pub async fn decide(
+        self: &Arc<Self>,
+        context: impl FnOnce() -> QueryContext,
+        text: &str,
+        deferred: &mut Deferred,
+    ) -> Decision {
         let settings = self.settings();
         if settings.mode == Mode::Off {
             return Decision::Forward(Reason::ModeOff);
         }
-        let analysis = match self.analyze(context, text) {
+        if sql::prefilter(&self.rules(), text).is_empty() {
+            return Decision::Forward(Reason::NotExperimentQuery);
+        }
+        let context = context();
+        let analysis = match self.analyze(&context, text) {
             Ok(analysis) => analysis,
             Err(reason) => return Decision::Forward(reason),
         };
@@ -334,7 +335,7 @@ impl Engine {
                 reasons.push(Reason::ModeOff);
                 continue;
             }
-            match self.serve(found, &analysis, context, &text, mode == Mode::Shadow, deferred).await {
+            match self.serve(found, &analysis, &context, &text, mode == Mode::Shadow, deferred).await {
                 Ok((replacement, plan)) => {
                     edits.push(Edit::new(found.occurrence.body.clone(), replacement));
                     if !rules.contains(&found.rule.name) {
