@@ -9,7 +9,8 @@
 #    hop), a non-experiment SELECT (bench/queries/passthrough.sql): direct, nginx, preagg-proxy
 #    `--mode off` (pure pass-through) and preagg-proxy `--mode rewrite` (the default: the query is
 #    read, the prefilter dismisses it: `passthrough reason=not_experiment_query`), and `--mode off`
-#    with `--log-filter warn` (no access-log line: what the log costs; the nginx hop logs nothing).
+#    with `--log-filter warn` (no access-log line). nginx runs twice, as preagg-proxy does: without
+#    an access log, and with one buffered line per request (like preagg-proxy's default).
 # 2. The chdb-backed ClickHouse with generated PostHog data, the experiment query of
 #    scripts/demo/experiment.sql: direct and through nginx (the original query), through
 #    preagg-proxy warm (every answer counted as rewritten by its X-Preagg header).
@@ -52,6 +53,7 @@ experiment_query="$repo/scripts/demo/experiment.sql"
 static_port=$(free_port)
 hop_static_port=$(free_port)
 hop_clickhouse_port=$(free_port)
+hop_logged_port=$(free_port)
 proxy_off_port=$(free_port)
 proxy_quiet_port=$(free_port)
 proxy_rewrite_port=$(free_port)
@@ -65,11 +67,11 @@ fi
 
 say "Starting the static upstream, the nginx hop and preagg-proxy"
 start_static "$static_port"
-start_hop "$hop_static_port" "$hop_clickhouse_port" "$static_port" "$CLICKHOUSE_PORT"
+start_hop "$hop_static_port" "$hop_clickhouse_port" "$static_port" "$CLICKHOUSE_PORT" "$hop_logged_port"
 start_proxy off "$proxy_off_port" "http://127.0.0.1:$static_port" off
 start_proxy quiet "$proxy_quiet_port" "http://127.0.0.1:$static_port" off --log-filter warn
 start_proxy rewrite "$proxy_rewrite_port" "http://127.0.0.1:$static_port" rewrite
-static_paths=(direct nginx "preagg-proxy --mode off" "preagg-proxy --mode off, no access log" "preagg-proxy --mode rewrite")
+static_paths=(direct nginx "nginx, access log" "preagg-proxy --mode off" "preagg-proxy --mode off, no access log" "preagg-proxy --mode rewrite")
 if [ -n "${BENCH_BASELINE:-}" ]; then
     baseline_path="preagg-proxy --mode off @$BENCH_BASELINE"
     proxy_baseline_port=$(free_port)
@@ -107,6 +109,7 @@ if [[ " $sections " == *" static "* ]]; then
     declare -A static_urls=(
         [direct]="http://127.0.0.1:$static_port"
         [nginx]="http://127.0.0.1:$hop_static_port"
+        ["nginx, access log"]="http://127.0.0.1:$hop_logged_port"
         ["preagg-proxy --mode off"]="http://127.0.0.1:$proxy_off_port"
         ["preagg-proxy --mode off, no access log"]="http://127.0.0.1:$proxy_quiet_port"
         ["preagg-proxy --mode rewrite"]="http://127.0.0.1:$proxy_rewrite_port"
@@ -115,6 +118,7 @@ if [[ " $sections " == *" static "* ]]; then
     declare -A static_pids=(
         [direct]=$(cat "$work/static.pid")
         [nginx]=$(cat "$work/hop.pid")
+        ["nginx, access log"]=$(cat "$work/hop.pid")
         ["preagg-proxy --mode off"]=$PROXY_PID_off
         ["preagg-proxy --mode off, no access log"]=$PROXY_PID_quiet
         ["preagg-proxy --mode rewrite"]=$PROXY_PID_rewrite

@@ -60,22 +60,29 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names present; most messages have none, or only `Connection: keep-alive`.
-    let present: Vec<HeaderName> = headers.keys().filter(|name| is_hop_by_hop(name)).cloned().collect();
-    if present.is_empty() {
-        return;
+    if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
+        let (_, values) = connection.remove_entry_mult();
+        // Usually just `keep-alive`: nothing is allocated then.
+        let mut named = Vec::new();
+        for value in values {
+            let Ok(options) = value.to_str() else { continue };
+            for option in options.split(',').map(str::trim) {
+                // Connection options, not header names.
+                if option.eq_ignore_ascii_case("keep-alive") || option.eq_ignore_ascii_case("close") {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(option.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
+        for name in named {
+            headers.remove(name);
+        }
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        // Connection options, not header names.
-        .filter(|option| !option.eq_ignore_ascii_case("keep-alive") && !option.eq_ignore_ascii_case("close"))
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
-    for name in present.iter().chain(&named) {
+    // The other hop-by-hop names present (on responses, usually `Keep-Alive`), without a copy of
+    // the header list.
+    while let Some(name) = headers.keys().find(|name| is_hop_by_hop(name)).cloned() {
         headers.remove(name);
     }
 }

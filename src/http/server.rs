@@ -17,15 +17,17 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::idle::{Activity, InFlightBody};
 use super::{log_lines, preface};
 
-/// How long a client may take to send a request head.
+/// How long a client may take to send its first request head; a keep-alive connection without a
+/// request in flight for this long (up to half as long again) is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `handler` on `listener` in the current runtime until `shutdown` is cancelled, then
@@ -34,7 +36,7 @@ pub async fn serve<H, F, B>(listener: TcpListener, handler: H, shutdown: Cancell
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
@@ -72,22 +74,30 @@ async fn serve_connection<H, F, B>(stream: TcpStream, peer: SocketAddr, handler:
 where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // The first request head is checked here, so garbage gets a ClickHouse-style answer.
     let Some(stream) = preface::first_head(stream, HEADER_READ_TIMEOUT).await else { return };
+    // Later heads are timed by the idle watch, not by hyper's per-request timer.
+    let activity = Arc::new(Activity::default());
+    let requests = Arc::clone(&activity);
     let service = service_fn(move |request| {
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler(request, peer).await) }
+        let in_flight = requests.begin();
+        async move { Ok::<_, Infallible>(handler(request, peer).await.map(|body| InFlightBody::new(body, in_flight))) }
     });
     let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(None)
         .serve_connection(TokioIo::new(stream), service);
-    if let Err(error) = watcher.watch(connection).await {
-        tracing::debug!(%error, %peer, "connection ended with an error");
+    tokio::select! {
+        served = watcher.watch(connection) => {
+            if let Err(error) = served {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        }
+        () = activity.idle_for(HEADER_READ_TIMEOUT) => tracing::debug!(%peer, "idle connection closed"),
     }
 }
 
@@ -143,7 +153,7 @@ impl Worker {
     ) where
         H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<B>> + Send + 'static,
-        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let log_flush = tokio::spawn(log_lines::flush_periodically());
@@ -178,7 +188,7 @@ impl Workers {
     where
         H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<B>> + Send + 'static,
-        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let open: Arc<[AtomicUsize]> = (0..count).map(|_| AtomicUsize::new(0)).collect();
