@@ -19,15 +19,17 @@ pub struct Prefaced<S> {
     inner: S,
 }
 
-/// Reads the first request head of `stream`. Returns the stream to serve, or `None` when the
-/// client sent something that is not HTTP (after answering it) or went away.
+/// Reads the first request head of `stream`, all of it within `timeout`. Returns the stream to
+/// serve, or `None` when the client sent something that is not HTTP (after answering it), went
+/// away, or was too slow.
 pub async fn first_head<S>(mut stream: S, timeout: Duration) -> Option<Prefaced<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut buffer = BytesMut::with_capacity(4096);
     loop {
-        let read = tokio::time::timeout(timeout, stream.read_buf(&mut buffer)).await;
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buffer)).await;
         match read {
             Ok(Ok(0)) if buffer.is_empty() => return None,
             Ok(Ok(0)) => return Some(Prefaced { preface: buffer.freeze(), inner: stream }),
@@ -118,5 +120,22 @@ mod tests {
         client.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
         assert!(answer.contains("Code: 1001. DB::Exception: preagg-proxy: malformed HTTP request"), "{answer}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_trickling_in_gets_the_timeout_for_all_of_it() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let started = tokio::time::Instant::now();
+        let trickle = tokio::spawn(async move {
+            for byte in b"GET /ping HTTP/1.1\r\nHost: x\r\n" {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if client.write_all(&[*byte]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        assert!(first_head(server, Duration::from_secs(10)).await.is_none(), "a slow head is given up");
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        trickle.abort();
     }
 }

@@ -315,6 +315,25 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_connection_left_idle_is_closed_after_the_header_read_timeout() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, thread_name(), CancellationToken::new(), Duration::from_secs(1)));
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
+        let mut answer = vec![0; 4096];
+        let n = client.read(&mut answer).await.unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..n]));
+        // The clock runs ahead whenever everything waits: only the idle watch can end this read.
+        let answered = tokio::time::Instant::now();
+        let closed = tokio::time::timeout(HEADER_READ_TIMEOUT * 4, client.read(&mut answer)).await;
+        assert_eq!(closed.expect("the server closed the connection").unwrap(), 0);
+        let idle = answered.elapsed();
+        assert!(idle >= HEADER_READ_TIMEOUT && idle <= HEADER_READ_TIMEOUT * 3 / 2, "closed after {idle:?}");
+    }
+
     #[tokio::test]
     async fn connections_are_spread_over_the_workers_and_drained_on_shutdown() {
         let shutdown = CancellationToken::new();
