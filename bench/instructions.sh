@@ -71,9 +71,7 @@ measure() {
 # the server without an access log, once on the one with (buffered, as preagg-proxy writes).
 hop_port=$(free_port)
 hop_logged_port=$(free_port)
-render "$bench/nginx/hop.conf.in" "$work/hop.conf" WORKERS=1 WORK="$work" \
-    HOP_STATIC_PORT="$hop_port" HOP_CLICKHOUSE_PORT="$(free_port)" STATIC_PORT="$static_port" \
-    CLICKHOUSE_PORT="$(free_port)" HOP_LOGGED_PORT="$hop_logged_port"
+render_hop 1 "$hop_port" "$(free_port)" "$static_port" "$(free_port)" "$hop_logged_port"
 echo "master_process off;" >>"$work/hop.conf"
 measure nginx nginx "$hop_port" "" "$NGINX" -e "$work/hop.error.log" -c "$work/hop.conf" -p "$work"
 measure nginx-logged "nginx, access log" "$hop_logged_port" "" "$NGINX" -e "$work/hop.error.log" \

@@ -120,13 +120,19 @@ start_static() {
     wait_port "$1"
 }
 
-# start_hop HOP_STATIC_PORT HOP_CLICKHOUSE_PORT STATIC_PORT CLICKHOUSE_PORT [HOP_LOGGED_PORT]: the
-# nginx reverse proxy (HOP_LOGGED_PORT: the static hop with an access log).
-start_hop() {
+# render_hop WORKERS HOP_STATIC_PORT HOP_CLICKHOUSE_PORT STATIC_PORT CLICKHOUSE_PORT HOP_LOGGED_PORT:
+# writes $work/hop.conf, the nginx reverse proxy (HOP_LOGGED_PORT: the static hop with an access
+# log).
+render_hop() {
     mkdir -p "$work/tmp"
-    render "$bench/nginx/hop.conf.in" "$work/hop.conf" WORKERS="$WORKERS" WORK="$work" \
-        HOP_STATIC_PORT="$1" HOP_CLICKHOUSE_PORT="$2" STATIC_PORT="$3" CLICKHOUSE_PORT="$4" \
-        HOP_LOGGED_PORT="${5:-$(free_port)}"
+    render "$bench/nginx/hop.conf.in" "$work/hop.conf" WORKERS="$1" WORK="$work" HOP_STATIC_PORT="$2" \
+        HOP_CLICKHOUSE_PORT="$3" STATIC_PORT="$4" CLICKHOUSE_PORT="$5" HOP_LOGGED_PORT="$6"
+}
+
+# start_hop HOP_STATIC_PORT HOP_CLICKHOUSE_PORT STATIC_PORT CLICKHOUSE_PORT [HOP_LOGGED_PORT]: the
+# nginx reverse proxy with as many workers as preagg-proxy has.
+start_hop() {
+    render_hop "$WORKERS" "$1" "$2" "$3" "$4" "${5:-$(free_port)}"
     "$NGINX" -e "$work/hop.error.log" -c "$work/hop.conf" -p "$work" 2>>"$work/hop.error.log" &
     pids+=($!)
     wait_port "$1"

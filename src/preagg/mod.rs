@@ -291,9 +291,20 @@ impl Engine {
 
     /// Analyzes a query: its occurrences, or why there are none.
     pub fn analyze(&self, context: &QueryContext, text: &str) -> Result<Analysis, Reason> {
-        let started = Instant::now();
         let rules = self.rules();
-        let result = sql::analyze(&rules, text, &self.sql_context(context), self.settings().max_parse_time);
+        self.analyze_applicable(&sql::prefilter(&rules, text)?, context, text)
+    }
+
+    /// Analyzes a query for the rules the prefilter let through, timed.
+    fn analyze_applicable(
+        &self,
+        applicable: &[&Arc<Rule>],
+        context: &QueryContext,
+        text: &str,
+    ) -> Result<Analysis, Reason> {
+        let started = Instant::now();
+        let budget = self.settings().max_parse_time;
+        let result = sql::analyze_applicable(applicable, text, &self.sql_context(context), budget);
         m::analysis_time(started.elapsed());
         result
     }
@@ -312,11 +323,13 @@ impl Engine {
         if settings.mode == Mode::Off {
             return Decision::Forward(Reason::ModeOff);
         }
-        if sql::prefilter(&self.rules(), text).is_empty() {
-            return Decision::Forward(Reason::NotExperimentQuery);
-        }
+        let all_rules = self.rules();
+        let applicable = match sql::prefilter(&all_rules, text) {
+            Ok(applicable) => applicable,
+            Err(reason) => return Decision::Forward(reason),
+        };
         let context = context();
-        let analysis = match self.analyze(&context, text) {
+        let analysis = match self.analyze_applicable(&applicable, &context, text) {
             Ok(analysis) => analysis,
             Err(reason) => return Decision::Forward(reason),
         };

@@ -66,14 +66,16 @@ pub struct Analysis {
     pub refused: Vec<Reason>,
 }
 
-/// The rules whose prefilter literals all occur in `text`: a memchr scan, no tokenizing.
-pub fn prefilter<'r>(rules: &'r [Arc<Rule>], text: &str) -> Vec<&'r Arc<Rule>> {
-    rules
+/// The rules whose prefilter literals all occur in `text`: a memchr scan, no tokenizing. Fails
+/// with `not_experiment_query` when there is none.
+pub fn prefilter<'r>(rules: &'r [Arc<Rule>], text: &str) -> Result<Vec<&'r Arc<Rule>>, Reason> {
+    let applicable: Vec<_> = rules
         .iter()
         .filter(|rule| {
             rule.prefilter.iter().all(|needle| memchr::memmem::find(text.as_bytes(), needle.as_bytes()).is_some())
         })
-        .collect()
+        .collect();
+    if applicable.is_empty() { Err(Reason::NotExperimentQuery) } else { Ok(applicable) }
 }
 
 /// Time spent by the current thread since a start.
@@ -103,10 +105,16 @@ impl BudgetClock {
 /// `budget` bounds the CPU time the analysis may use on its thread (wall time where the platform
 /// has no thread clock), so that a machine busy with other work does not stretch it.
 pub fn analyze(rules: &[Arc<Rule>], text: &str, context: &Context, budget: Duration) -> Result<Analysis, Reason> {
-    let applicable = prefilter(rules, text);
-    if applicable.is_empty() {
-        return Err(Reason::NotExperimentQuery);
-    }
+    analyze_applicable(&prefilter(rules, text)?, text, context, budget)
+}
+
+/// [`analyze`] for the rules [`prefilter`] let through (for a caller that prefiltered already).
+pub fn analyze_applicable(
+    applicable: &[&Arc<Rule>],
+    text: &str,
+    context: &Context,
+    budget: Duration,
+) -> Result<Analysis, Reason> {
     // After the prefilter: reading the thread's CPU clock is a system call, and most queries are
     // dismissed before it would matter.
     let started = BudgetClock::start();
@@ -124,7 +132,7 @@ pub fn analyze(rules: &[Arc<Rule>], text: &str, context: &Context, budget: Durat
         if found.iter().any(|f| f.occurrence.body_tokens.contains(&candidate.body.start)) {
             continue;
         }
-        for rule in &applicable {
+        for rule in applicable {
             let body = &text[tokens.byte_span(candidate.body.clone())];
             if !rule.prefilter.iter().all(|needle| body.contains(needle.as_str())) {
                 continue;
