@@ -19,12 +19,14 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use crate::config::{Config, Mode};
 use crate::http::access::{AccessRecord, LoggedBody, RequestLog};
-use crate::http::forward::{self, ProxyBody, Upstream, error_response};
+use crate::http::forward::{self, ProxyBody, Upstream, UpstreamRequestBody, error_response};
+use crate::http::h1::RequestBody;
 use crate::http::request::{self, QueryText, StatementKind, TextPart, UrlParams};
 use crate::metrics as m;
 use crate::outcome::{Outcome, Reason};
@@ -221,9 +223,11 @@ impl Proxy {
     async fn forward(&self, parts: Parts, how: Forward, reason: Reason) -> (Response<ProxyBody>, Outcome) {
         let outcome = Outcome::Passthrough(reason);
         let body = match how {
-            Forward::Stream(body) => forward::streaming(body),
-            Forward::Prefixed(prefix, rest) => forward::prefixed(prefix, rest),
-            Forward::Original(raw) => forward::full(raw),
+            // Nothing to stream (a GET): sent like a complete empty body.
+            Forward::Stream(body) if body.is_end_stream() => RequestBody::Full(Bytes::new()),
+            Forward::Stream(body) => RequestBody::Stream(forward::streaming(body)),
+            Forward::Prefixed(prefix, rest) => RequestBody::Stream(forward::prefixed(prefix, rest)),
+            Forward::Original(raw) => RequestBody::Full(raw),
         };
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         (self.send(parts.method, path, parts.headers, body).await, outcome)
@@ -245,14 +249,14 @@ impl Proxy {
             TextPart::Url => {
                 let params = UrlParams::from_uri(&parts.uri);
                 let query = params.with_query(text.url_part.as_deref().unwrap_or(""));
-                (format!("{}?{query}", parts.uri.path()), forward::full(original.clone()))
+                (format!("{}?{query}", parts.uri.path()), RequestBody::Full(original.clone()))
             }
             _ => {
                 let body = Bytes::from(text.body_part.clone().unwrap_or_default());
                 headers.remove(header::CONTENT_ENCODING);
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
                 let path = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_else(|| "/".into());
-                (path, forward::full(body))
+                (path, RequestBody::Full(body))
             }
         };
         let response = self.send(parts.method.clone(), &path, headers, body).await;
@@ -271,14 +275,18 @@ impl Proxy {
     }
 
     /// Sends to the upstream and turns transport failures into ClickHouse-style answers.
-    async fn send(&self, method: Method, path: &str, headers: HeaderMap, body: ProxyBody) -> Response<ProxyBody> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: UpstreamRequestBody,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         match self.upstream.send(method, path, headers, body).await {
             Ok(response) => {
                 m::upstream_latency(started.elapsed());
-                let (mut parts, body) = response.into_parts();
-                forward::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, forward::streaming(body))
+                response.map(forward::streaming)
             }
             Err(error) => {
                 tracing::warn!(%error, "upstream request failed");

@@ -19,6 +19,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::Config;
 use crate::http::forward::{self, Upstream};
+use crate::http::h1::RequestBody;
 use crate::http::request::UrlParams;
 use crate::metrics as m;
 use crate::preagg::store::MismatchSample;
@@ -333,7 +334,7 @@ impl Worker {
         let started = Instant::now();
         let response = self
             .upstream
-            .send(Method::POST, &path, request.headers.clone(), forward::full(Bytes::from(body)))
+            .send(Method::POST, &path, request.headers.clone(), RequestBody::Full(Bytes::from(body)))
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();

@@ -19,6 +19,7 @@ use serde::Deserialize;
 
 use crate::config::{Config, Secret};
 use crate::http::forward::{self, ProxyBody, Upstream};
+use crate::http::h1::RequestBody;
 use crate::http::request::UrlParams;
 use crate::preagg::store::{Job, JobFilter, MismatchSample};
 use crate::preagg::{Engine, QueryContext, now_micros};
@@ -183,7 +184,7 @@ impl Admin {
 
     async fn readiness(&self) -> Response<ProxyBody> {
         let mut problems = Vec::new();
-        match self.upstream.send(Method::GET, "/ping", http::HeaderMap::new(), forward::full(Bytes::new())).await {
+        match self.upstream.send(Method::GET, "/ping", http::HeaderMap::new(), RequestBody::Full(Bytes::new())).await {
             Ok(response) if response.status().is_success() => {}
             Ok(response) => problems.push(format!("upstream: /ping answered {}", response.status())),
             Err(e) => problems.push(format!("upstream: {e}")),

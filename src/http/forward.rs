@@ -7,13 +7,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper::client::conn::http1::SendRequest;
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tower_service::Service as _;
 
+use super::h1;
 use crate::config::Endpoint;
 
 /// Boxed error of a proxied body.
@@ -30,7 +33,8 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 /// A streaming body passed along as it arrives.
 pub fn streaming<B>(body: B) -> ProxyBody
 where
-    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
 {
     body.map_err(|e| Box::new(e) as BoxError).boxed()
 }
@@ -40,22 +44,6 @@ pub fn prefixed(prefix: Vec<Bytes>, rest: Incoming) -> ProxyBody {
     let head = stream::iter(prefix.into_iter().map(|b| Ok::<_, BoxError>(Frame::data(b))));
     let tail = BodyStream::new(rest).map(|frame| frame.map_err(|e| Box::new(e) as BoxError));
     BoxBody::new(StreamBody::new(head.chain(tail)))
-}
-
-/// Whether a header describes one connection, not the message (RFC 9110 section 7.6.1).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
 }
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
@@ -82,7 +70,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // The other hop-by-hop names present (on responses, usually `Keep-Alive`), without a copy of
     // the header list.
-    while let Some(name) = headers.keys().find(|name| is_hop_by_hop(name)).cloned() {
+    while let Some(name) = headers.keys().find(|name| h1::is_hop_by_hop(name.as_str().as_bytes())).cloned() {
         headers.remove(name);
     }
 }
@@ -148,9 +136,16 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// their response ends.
 const MAX_IDLE: usize = 256;
 
-/// The HTTP/1.1 client to the upstream ClickHouse: keep-alive connections, each carrying one
-/// request at a time, reused most-recent first. A connection goes back to the pool when the
-/// response body it carried is dropped (sent to the client, or abandoned).
+/// The stream of an upstream connection: TCP, with TLS for `https` endpoints.
+type UpstreamStream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+
+/// A connection to the upstream.
+type UpstreamConnection = h1::Connection<UpstreamStream>;
+
+/// The HTTP/1.1 client to the upstream ClickHouse: keep-alive connections ([`h1::Connection`]),
+/// each carrying one request at a time, reused most-recent first. A connection goes back to the
+/// pool as soon as the response body it carried has been read to its end; a body abandoned
+/// half-way closes its connection (which cancels the query upstream).
 ///
 /// Each proxy worker thread has its own pool ([`Upstream::with_own_pool`]): a connection is then
 /// driven by the thread whose requests use it.
@@ -164,16 +159,34 @@ pub struct Upstream {
     timeout: Duration,
 }
 
+/// How often idle connections are looked at, so that those the upstream closed (or that idled
+/// too long) are closed here too instead of lingering half-closed.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Idle keep-alive connections, most recently used last.
 struct Pool {
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<Idle>,
     max_idle: usize,
 }
 
-/// A connection waiting for its next request.
+/// The idle connections, and whether a sweeper is looking after them.
+#[derive(Default)]
 struct Idle {
-    sender: SendRequest<ProxyBody>,
+    connections: Vec<IdleConnection>,
+    swept: bool,
+}
+
+/// A connection waiting for its next request.
+struct IdleConnection {
+    connection: UpstreamConnection,
     since: Instant,
+}
+
+impl IdleConnection {
+    /// Whether it can carry another request: open, and not idle for too long.
+    fn usable(&mut self) -> bool {
+        self.since.elapsed() <= IDLE_TIMEOUT && self.connection.is_open()
+    }
 }
 
 impl Pool {
@@ -181,72 +194,68 @@ impl Pool {
         Arc::new(Pool { idle: Mutex::default(), max_idle })
     }
 
-    /// The most recently used idle connection that is still open and ready.
-    fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
+    /// The most recently used idle connection that is still open.
+    fn checkout(&self) -> Option<UpstreamConnection> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some(entry) = idle.pop() {
-            if entry.sender.is_ready() && entry.since.elapsed() <= IDLE_TIMEOUT {
-                return Some(entry.sender);
+        while let Some(mut entry) = idle.connections.pop() {
+            if entry.usable() {
+                return Some(entry.connection);
             }
         }
         None
     }
 
-    /// Puts a ready connection back (unless `max_idle` are idle already), and closes the oldest
-    /// idle one if it idled too long.
-    fn release(&self, sender: SendRequest<ProxyBody>) {
+    /// Puts a connection back (unless `max_idle` are idle already), with a sweeper to look after
+    /// it on the current runtime (the one whose reactor drives the connection).
+    fn release(self: &Arc<Self>, connection: UpstreamConnection) {
         let Ok(mut idle) = self.idle.lock() else { return };
-        if idle.first().is_some_and(|oldest| oldest.since.elapsed() > IDLE_TIMEOUT) {
-            idle.remove(0);
+        if idle.connections.len() >= self.max_idle {
+            return;
         }
-        if idle.len() < self.max_idle {
-            idle.push(Idle { sender, since: Instant::now() });
+        idle.connections.push(IdleConnection { connection, since: Instant::now() });
+        if !idle.swept
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            idle.swept = true;
+            runtime.spawn(Pool::sweep(Arc::downgrade(self)));
         }
     }
-}
 
-/// A connection carrying a request; it returns to its pool when dropped.
-struct Lease {
-    sender: Option<SendRequest<ProxyBody>>,
-    pool: Arc<Pool>,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let Some(sender) = self.sender.take() else { return };
-        if sender.is_ready() {
-            self.pool.release(sender);
-        } else if !sender.is_closed() {
-            // Still finishing its exchange (the rest of a request body the upstream did not
-            // wait for, say): pooled once it is done, without holding up anyone.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let pool = Arc::clone(&self.pool);
-                runtime.spawn(async move {
-                    let mut sender = sender;
-                    if sender.ready().await.is_ok() {
-                        pool.release(sender);
-                    }
-                });
+    /// Closes idle connections that the upstream closed or that idled too long, every
+    /// [`SWEEP_INTERVAL`], until none are left (or the pool is gone).
+    async fn sweep(pool: std::sync::Weak<Pool>) {
+        loop {
+            tokio::time::sleep(SWEEP_INTERVAL).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let Ok(mut idle) = pool.idle.lock() else { return };
+            idle.connections.retain_mut(IdleConnection::usable);
+            if idle.connections.is_empty() {
+                idle.swept = false;
+                return;
             }
         }
     }
 }
 
-/// The body of an upstream response; its connection is reused once the body is dropped.
+/// The body of an upstream response; its connection returns to the pool once the body ends.
 pub struct UpstreamBody {
-    body: Incoming,
-    _lease: Lease,
+    body: h1::ResponseBody<UpstreamStream>,
+    pool: Arc<Pool>,
 }
 
 impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h1::H1Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, h1::H1Error>>> {
+        let frame = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let Some(connection) = self.body.take_reusable() {
+            self.pool.release(connection);
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -257,6 +266,9 @@ impl http_body::Body for UpstreamBody {
         self.body.size_hint()
     }
 }
+
+/// The body of a request to the upstream.
+pub type UpstreamRequestBody = h1::RequestBody<ProxyBody>;
 
 impl Upstream {
     /// A client for `endpoint` with keep-alive pooling.
@@ -298,64 +310,64 @@ impl Upstream {
         Ok(PathAndQuery::try_from(format!("{base}{path_and_query}"))?)
     }
 
-    /// Sends a request and waits (bounded) for the response headers; the body streams later.
+    /// Sends a request and waits (bounded) for the response head; the body streams later.
+    /// Hop-by-hop headers are dropped both ways.
     pub async fn send(
         &self,
         method: Method,
         path_and_query: &str,
         mut headers: HeaderMap,
-        body: ProxyBody,
+        body: UpstreamRequestBody,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let target = self.target(path_and_query).map_err(|e| self.failed(&e))?;
         strip_hop_by_hop(&mut headers);
         headers.insert(header::HOST, self.host.clone());
-        let mut request = Request::new(body);
-        *request.method_mut() = method;
-        *request.uri_mut() = Uri::from(target);
-        *request.headers_mut() = headers;
-        match tokio::time::timeout(self.timeout, self.exchange(request)).await {
+        let request = h1::Outgoing::new(&method, target.as_str(), &headers, body);
+        match tokio::time::timeout(self.timeout, self.exchange(&method, request)).await {
             Err(_) => Err(UpstreamError::Timeout { endpoint: self.endpoint.redacted(), timeout: self.timeout }),
             Ok(result) => result,
         }
     }
 
     /// Sends `request` on a pooled connection, or on a new one when none is idle or the pooled
-    /// one closed before the request could be written (the upstream dropped it while idle).
-    async fn exchange(&self, mut request: Request<ProxyBody>) -> Result<Response<UpstreamBody>, UpstreamError> {
+    /// one failed before any of the request was written (the upstream closed it while idle).
+    async fn exchange(
+        &self,
+        method: &Method,
+        mut request: h1::Outgoing<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         loop {
-            let (mut sender, reused) = match self.pool.checkout() {
-                Some(sender) => (sender, true),
+            let (connection, reused) = match self.pool.checkout() {
+                Some(connection) => (connection, true),
                 None => (self.connect().await?, false),
             };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let lease = Lease { sender: Some(sender), pool: Arc::clone(&self.pool) };
-                    return Ok(response.map(|body| UpstreamBody { body, _lease: lease }));
+            match connection.send(method, &mut request).await {
+                Ok(h1::Exchange { head, body }) => {
+                    let mut response = Response::new(UpstreamBody { body, pool: Arc::clone(&self.pool) });
+                    *response.status_mut() = head.status;
+                    *response.version_mut() = head.version;
+                    *response.headers_mut() = head.headers;
+                    if let Some(reason) = head.reason {
+                        response.extensions_mut().insert(reason);
+                    }
+                    return Ok(response);
                 }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(self.failed(error.error())),
-                },
+                Err(_) if reused && request.untouched() => {}
+                Err(error) => return Err(self.failed(&error)),
             }
         }
     }
 
-    /// Opens a connection and starts driving it on the current runtime.
-    async fn connect(&self) -> Result<SendRequest<ProxyBody>, UpstreamError> {
-        let unreachable = |error: &dyn std::error::Error| UpstreamError::Unreachable {
-            endpoint: self.endpoint.redacted(),
-            message: error_chain(error),
-        };
+    /// Opens a connection.
+    async fn connect(&self) -> Result<UpstreamConnection, UpstreamError> {
         let mut connector = self.connector.clone();
-        let stream = connector.call(self.endpoint.uri.clone()).await.map_err(|e| unreachable(e.as_ref()))?;
-        let (sender, connection) =
-            hyper::client::conn::http1::Builder::new().handshake(stream).await.map_err(|e| unreachable(&e))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        match connector.call(self.endpoint.uri.clone()).await {
+            Ok(stream) => Ok(h1::Connection::new(TokioIo::new(stream))),
+            Err(error) => Err(UpstreamError::Unreachable {
+                endpoint: self.endpoint.redacted(),
+                message: error_chain(error.as_ref()),
+            }),
+        }
     }
 
     fn failed(&self, error: &dyn std::error::Error) -> UpstreamError {
@@ -443,7 +455,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, SeqCst);
-                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                let service = hyper::service::service_fn(|request: http::Request<Incoming>| async move {
                     let host = request.headers().get(header::HOST).cloned();
                     let text = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
                     Ok::<_, std::convert::Infallible>(Response::new(full(text)))
@@ -458,7 +470,7 @@ mod tests {
     }
 
     async fn get(up: &Upstream) -> Response<UpstreamBody> {
-        up.send(Method::GET, "/", HeaderMap::new(), full(Bytes::new())).await.unwrap()
+        up.send(Method::GET, "/", HeaderMap::new(), h1::RequestBody::Full(Bytes::new())).await.unwrap()
     }
 
     async fn text(response: Response<UpstreamBody>) -> String {
@@ -487,6 +499,28 @@ mod tests {
         drop((text(unread).await, text(second).await));
         get(&up).await;
         assert_eq!(accepted.load(SeqCst), 2, "both went back to the pool");
+    }
+
+    #[tokio::test]
+    async fn idle_connections_the_upstream_closes_are_closed_here_too() {
+        // Answers one request with keep-alive, then closes the connection a moment later.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = Endpoint { uri: format!("http://{}", listener.local_addr().unwrap()).parse().unwrap() };
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await.unwrap();
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        assert_eq!(text(get(&up).await).await, "ok");
+        let idle = || up.pool.idle.lock().unwrap().connections.len();
+        assert_eq!(idle(), 1, "pooled once its answer was read");
+        tokio::time::sleep(SWEEP_INTERVAL * 2).await;
+        assert_eq!(idle(), 0, "closed here once the upstream closed it");
+        assert!(!up.pool.idle.lock().unwrap().swept, "the sweeper stops once the pool is empty");
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod forward;
+pub mod h1;
 pub mod idle;
 pub mod log_lines;
 pub mod preface;

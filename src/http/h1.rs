@@ -1,0 +1,989 @@
+//! The upstream side of the wire: an HTTP/1.1 client connection carrying one request at a time.
+//!
+//! The request head is written in one piece (with the body, when that is complete and small); a
+//! streamed body is written while the response head is awaited, so an upstream that answers
+//! early is heard. The response head is parsed by `httparse` straight into the `http` types,
+//! hop-by-hop headers dropped on the way, and the response body is decoded (by length, chunked, or
+//! until close) by whoever polls it. Nothing is spawned: the request that uses a connection drives
+//! it, so passing an answer along costs no hand-off between tasks.
+//!
+//! The pure parts ([`Outgoing::new`]'s encoding, [`parse_response_head`], [`ChunkedDecoder`]) are
+//! tested on their own; [`Connection`] and [`ResponseBody`] do the IO.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use hyper::ext::ReasonPhrase;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
+
+/// Boxed error of a request body being streamed.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Most headers a response head may have (as hyper).
+const MAX_HEADERS: usize = 100;
+
+/// Longest response head accepted (as hyper's default buffer limit).
+const MAX_HEAD_BYTES: usize = 400 * 1024;
+
+/// Longest chunk-size line or trailer section accepted.
+const MAX_CHUNK_LINE_BYTES: usize = 4096;
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
+
+/// Room made in the read buffer before a read: at first (most answers fit, and mimalloc serves
+/// this size from its small pages), and at most (a long answer read after a full read).
+const FIRST_READ: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+/// Complete bodies up to this size are copied behind the head and written with it.
+const INLINE_BODY_BYTES: usize = 64 * 1024;
+
+/// What can go wrong on an upstream connection.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    /// The connection ended before a response head arrived.
+    #[error("connection closed before a response")]
+    ClosedBeforeResponse,
+    /// The response head is not HTTP/1.x.
+    #[error("invalid response head: {0}")]
+    InvalidHead(String),
+    /// The response head is longer than [`MAX_HEAD_BYTES`].
+    #[error("response head larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    /// The upstream tried to switch protocols.
+    #[error("unexpected 101 Switching Protocols")]
+    UnexpectedUpgrade,
+    /// The chunked response body is malformed.
+    #[error("invalid chunked encoding in the response body")]
+    InvalidChunk,
+    /// The connection ended before the response body did.
+    #[error("connection closed before the end of the response body")]
+    IncompleteBody,
+    /// The request body ended short of, or went past, its `Content-Length`.
+    #[error("request body does not match its Content-Length")]
+    RequestBodyLength,
+    /// Reading the request body from the client failed.
+    #[error("request body: {0}")]
+    RequestBody(BoxError),
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Whether a header name (any case) describes one connection, not the message (RFC 9110
+/// section 7.6.1).
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    NAMES.iter().any(|hop| hop.len() == name.len() && hop.eq_ignore_ascii_case(name))
+}
+
+/// How a streamed request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamFraming {
+    /// Exactly this many bytes still to come (the client's `Content-Length`).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// A request on its way out: encoded pieces still to write, then a body still to stream.
+pub struct Outgoing<B> {
+    pieces: VecDeque<Bytes>,
+    stream: Option<(B, StreamFraming)>,
+    written: u64,
+    finished: bool,
+}
+
+/// The body of a request to send.
+pub enum RequestBody<B> {
+    /// Known whole (possibly empty).
+    Full(Bytes),
+    /// Streamed as it arrives.
+    Stream(B),
+}
+
+impl<B> Outgoing<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Encodes the head of a request for `target`: the request line, `headers` in their order
+    /// (names lower case, as hyper writes them) and the body's framing. A complete body gets its
+    /// `Content-Length` (an empty one keeps whatever the headers say, as hyper does); a streamed
+    /// one keeps the client's `Content-Length` or is sent chunked. `Transfer-Encoding` in
+    /// `headers` is never copied: the framing written is the one the body is sent with.
+    pub fn new(method: &Method, target: &str, headers: &HeaderMap, body: RequestBody<B>) -> Outgoing<B> {
+        let (length, stream) = match body {
+            RequestBody::Full(bytes) if bytes.is_empty() => (None, None),
+            RequestBody::Full(bytes) => (Some(bytes.len() as u64), Some(Err(bytes))),
+            RequestBody::Stream(body) => {
+                let declared = headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                let framing = declared.map_or(StreamFraming::Chunked, StreamFraming::Length);
+                (declared, Some(Ok((body, framing))))
+            }
+        };
+        let mut head = Vec::with_capacity(256);
+        head.extend_from_slice(method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        let framed = stream.is_some();
+        for (name, value) in headers {
+            if name == header::TRANSFER_ENCODING || (framed && name == header::CONTENT_LENGTH) {
+                continue;
+            }
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        match (&stream, length) {
+            (Some(Ok((_, StreamFraming::Chunked))), _) => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            (Some(_), Some(length)) => {
+                head.extend_from_slice(b"content-length: ");
+                head.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+                head.extend_from_slice(b"\r\n");
+            }
+            _ => {}
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut pieces = VecDeque::with_capacity(2);
+        let stream = match stream {
+            Some(Err(bytes)) if bytes.len() <= INLINE_BODY_BYTES => {
+                head.extend_from_slice(&bytes);
+                None
+            }
+            Some(Err(bytes)) => {
+                pieces.push_back(Bytes::from(std::mem::take(&mut head)));
+                pieces.push_back(bytes);
+                None
+            }
+            Some(Ok(stream)) => Some(stream),
+            None => None,
+        };
+        if !head.is_empty() {
+            pieces.push_front(Bytes::from(head));
+        }
+        Outgoing { pieces, stream, written: 0, finished: false }
+    }
+
+    /// Whether no byte of it has reached a connection yet (so it can be sent on another).
+    pub fn untouched(&self) -> bool {
+        self.written == 0
+    }
+
+    /// Writes as much as can be written now; ready once all of it is written and flushed.
+    fn poll_write<S: AsyncWrite + Unpin>(&mut self, cx: &mut Context<'_>, io: &mut S) -> Poll<Result<(), H1Error>> {
+        loop {
+            while let Some(piece) = self.pieces.front_mut() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, piece))?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()));
+                }
+                self.written += n as u64;
+                piece.advance(n);
+                if piece.is_empty() {
+                    self.pieces.pop_front();
+                }
+            }
+            let Some((body, framing)) = &mut self.stream else {
+                if !self.finished {
+                    ready!(Pin::new(&mut *io).poll_flush(cx))?;
+                    self.finished = true;
+                }
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                None => {
+                    match framing {
+                        StreamFraming::Chunked => self.pieces.push_back(Bytes::from_static(b"0\r\n\r\n")),
+                        StreamFraming::Length(0) => {}
+                        StreamFraming::Length(_) => return Poll::Ready(Err(H1Error::RequestBodyLength)),
+                    }
+                    self.stream = None;
+                }
+                Some(Err(error)) => return Poll::Ready(Err(H1Error::RequestBody(error.into()))),
+                Some(Ok(frame)) => {
+                    // Request trailers are not forwarded.
+                    let Ok(data) = frame.into_data() else { continue };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    match framing {
+                        StreamFraming::Chunked => {
+                            self.pieces.push_back(Bytes::from(format!("{:X}\r\n", data.len())));
+                            self.pieces.push_back(data);
+                            self.pieces.push_back(Bytes::from_static(b"\r\n"));
+                        }
+                        StreamFraming::Length(left) => {
+                            *left = left.checked_sub(data.len() as u64).ok_or(H1Error::RequestBodyLength)?;
+                            self.pieces.push_back(data);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Response header names ClickHouse sends, at hand without an allocation.
+static CLICKHOUSE_NAMES: [HeaderName; 8] = [
+    HeaderName::from_static("x-clickhouse-server-display-name"),
+    HeaderName::from_static("x-clickhouse-query-id"),
+    HeaderName::from_static("x-clickhouse-format"),
+    HeaderName::from_static("x-clickhouse-timezone"),
+    HeaderName::from_static("x-clickhouse-summary"),
+    HeaderName::from_static("x-clickhouse-progress"),
+    HeaderName::from_static("x-clickhouse-exception-code"),
+    HeaderName::from_static("x-clickhouse-exception-tag"),
+];
+
+/// The header name spelled by `bytes` (any case).
+fn header_name(bytes: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    const PREFIX: &[u8] = b"x-clickhouse-";
+    if bytes.len() > PREFIX.len() && bytes[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {
+        let known = CLICKHOUSE_NAMES.iter().find(|name| name.as_str().as_bytes().eq_ignore_ascii_case(bytes));
+        if let Some(known) = known {
+            return Ok(known.clone());
+        }
+    }
+    HeaderName::from_bytes(bytes)
+}
+
+/// How a response body is delimited (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (a response to HEAD, 204, 304).
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Everything until the upstream closes the connection.
+    UntilClose,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// The status code.
+    pub status: StatusCode,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// The end-to-end headers, in order; hop-by-hop ones are gone.
+    pub headers: HeaderMap,
+    /// The reason phrase, when it is not the status code's usual one.
+    pub reason: Option<ReasonPhrase>,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// Whether the connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+/// Parses a response head at the start of `buffer`, removing it from there; `None` while it is
+/// incomplete. `method` is the request's (a response to HEAD has no body).
+pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, H1Error> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed =
+        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buffer, &mut slots);
+    let length = match parsed {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buffer.len() >= MAX_HEAD_BYTES => return Err(H1Error::HeadTooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(error) => return Err(H1Error::InvalidHead(error.to_string())),
+    };
+    let code = response.code.unwrap_or_default();
+    let status = StatusCode::from_u16(code).map_err(|e| H1Error::InvalidHead(e.to_string()))?;
+    let version = if response.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let reason = response
+        .reason
+        .filter(|reason| Some(*reason) != status.canonical_reason())
+        .and_then(|reason| ReasonPhrase::try_from(reason.as_bytes()).ok());
+    // Where each header sits in the head, so that the values can share its bytes.
+    let base = buffer.as_ptr() as usize;
+    let offset = |part: &[u8]| part.as_ptr() as usize - base;
+    let mut spans = Vec::with_capacity(response.headers.len());
+    let mut connection_options: Vec<HeaderName> = Vec::new();
+    let (mut chunked, mut transfer_encoded, mut lengths) = (false, false, None::<Result<u64, ()>>);
+    let mut close = version == Version::HTTP_10;
+    for h in response.headers.iter() {
+        let name = h.name.as_bytes();
+        if is_hop_by_hop(name) {
+            if name.eq_ignore_ascii_case(b"connection") {
+                for option in String::from_utf8_lossy(h.value).split(',').map(str::trim) {
+                    if option.eq_ignore_ascii_case("close") {
+                        close = true;
+                    } else if option.eq_ignore_ascii_case("keep-alive") {
+                        close = false;
+                    } else if let Ok(named) = HeaderName::from_bytes(option.as_bytes()) {
+                        connection_options.push(named);
+                    }
+                }
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                transfer_encoded = true;
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+                chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            }
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for part in h.value.split(|b| *b == b',') {
+                let value = std::str::from_utf8(part.trim_ascii()).ok().and_then(|v| v.parse::<u64>().ok());
+                lengths = match (lengths, value) {
+                    (_, None) | (Some(Err(())), _) => Some(Err(())),
+                    (Some(Ok(seen)), Some(value)) if seen != value => Some(Err(())),
+                    (_, Some(value)) => Some(Ok(value)),
+                };
+            }
+        }
+        spans.push((offset(name), name.len(), offset(h.value), h.value.len()));
+    }
+    let head = buffer.split_to(length).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name_at, name_len, value_at, value_len) in spans {
+        let name = header_name(&head[name_at..name_at + name_len]).map_err(|e| H1Error::InvalidHead(e.to_string()))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+            .map_err(|e| H1Error::InvalidHead(e.to_string()))?;
+        headers.append(name, value);
+    }
+    for named in connection_options {
+        headers.remove(named);
+    }
+    let framing = if method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if chunked {
+        // A length next to a chunked encoding is ignored, and must not reach the client.
+        headers.remove(header::CONTENT_LENGTH);
+        Framing::Chunked
+    } else if transfer_encoded {
+        headers.remove(header::CONTENT_LENGTH);
+        Framing::UntilClose
+    } else {
+        match lengths {
+            Some(Ok(length)) => Framing::Length(length),
+            Some(Err(())) => return Err(H1Error::InvalidHead("invalid Content-Length".into())),
+            None => Framing::UntilClose,
+        }
+    };
+    let keep_alive = !close && framing != Framing::UntilClose;
+    Ok(Some(ResponseHead { status, version, headers, reason, framing, keep_alive }))
+}
+
+/// What a [`ChunkedDecoder`] made of the bytes it was given.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// The trailer section (the body has ended).
+    Trailers(HeaderMap),
+    /// The body has ended.
+    End,
+    /// More bytes are needed.
+    NeedMore,
+}
+
+/// Decodes a chunked body (RFC 9112 section 7.1) from a buffer that fills as bytes arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChunkedDecoder {
+    /// Before a chunk-size line.
+    #[default]
+    Size,
+    /// Inside a chunk, this many bytes left.
+    Data(u64),
+    /// After a chunk's data, before its CRLF.
+    DataEnd,
+    /// After the last chunk, before the trailer section.
+    Trailers,
+    /// The body has ended.
+    Done,
+}
+
+impl ChunkedDecoder {
+    /// Takes what it can from the front of `buffer`.
+    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Decoded, H1Error> {
+        loop {
+            match *self {
+                ChunkedDecoder::Size => match httparse::parse_chunk_size(buffer) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        buffer.advance(used);
+                        *self = if size == 0 { ChunkedDecoder::Trailers } else { ChunkedDecoder::Data(size) };
+                    }
+                    Ok(httparse::Status::Partial) if buffer.len() < MAX_CHUNK_LINE_BYTES => {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    Ok(httparse::Status::Partial) | Err(_) => return Err(H1Error::InvalidChunk),
+                },
+                ChunkedDecoder::Data(left) => {
+                    if buffer.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buffer.len());
+                    let rest = left - take as u64;
+                    *self = if rest == 0 { ChunkedDecoder::DataEnd } else { ChunkedDecoder::Data(rest) };
+                    return Ok(Decoded::Data(buffer.split_to(take).freeze()));
+                }
+                ChunkedDecoder::DataEnd => match buffer.get(..2) {
+                    None if buffer.first().is_none_or(|b| *b == b'\r') => return Ok(Decoded::NeedMore),
+                    Some(b"\r\n") => {
+                        buffer.advance(2);
+                        *self = ChunkedDecoder::Size;
+                    }
+                    _ => return Err(H1Error::InvalidChunk),
+                },
+                ChunkedDecoder::Trailers => {
+                    if buffer.starts_with(b"\r\n") {
+                        buffer.advance(2);
+                        *self = ChunkedDecoder::Done;
+                        return Ok(Decoded::End);
+                    }
+                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    return match httparse::parse_headers(buffer, &mut slots) {
+                        Ok(httparse::Status::Complete((used, fields))) => {
+                            let mut trailers = HeaderMap::with_capacity(fields.len());
+                            for field in fields.iter() {
+                                let (Ok(name), Ok(value)) = (
+                                    HeaderName::from_bytes(field.name.as_bytes()),
+                                    HeaderValue::from_bytes(field.value),
+                                ) else {
+                                    return Err(H1Error::InvalidChunk);
+                                };
+                                trailers.append(name, value);
+                            }
+                            buffer.advance(used);
+                            *self = ChunkedDecoder::Done;
+                            Ok(Decoded::Trailers(trailers))
+                        }
+                        Ok(httparse::Status::Partial) if buffer.len() < MAX_TRAILER_BYTES => Ok(Decoded::NeedMore),
+                        Ok(httparse::Status::Partial) | Err(_) => Err(H1Error::InvalidChunk),
+                    };
+                }
+                ChunkedDecoder::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// One connection to the upstream, between requests or carrying one. Small to move: the stream
+/// (with TLS, over a kilobyte) is boxed.
+pub struct Connection<S> {
+    io: Box<S>,
+    buffer: BytesMut,
+    read_size: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// A connection over an open stream.
+    pub fn new(io: S) -> Connection<S> {
+        Connection { io: Box::new(io), buffer: BytesMut::new(), read_size: FIRST_READ }
+    }
+
+    /// Whether an idle connection can still carry a request: nothing unread, not closed by the
+    /// upstream. Never waits (a socket with nothing to read is open).
+    pub fn is_open(&mut self) -> bool {
+        if !self.buffer.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(&mut *self.io).poll_read(&mut cx, &mut probe).is_pending()
+    }
+
+    /// Writes `request` (its body streaming) and reads the response head; interim (1xx)
+    /// responses are skipped. A response that comes before the request is all written ends the
+    /// writing, and the connection is not reused after it.
+    pub async fn send<B>(mut self, method: &Method, request: &mut Outgoing<B>) -> Result<Exchange<S>, H1Error>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let mut write_failed = None;
+        let head = poll_fn(|cx| {
+            if !request.finished && write_failed.is_none() {
+                match request.poll_write(cx, &mut *self.io) {
+                    // A socket that failed mid-request may still hold the upstream's answer (an
+                    // error it sent before closing): read on. Nothing written, or a request body
+                    // that failed, gets no answer.
+                    Poll::Ready(Err(error @ H1Error::Io(_))) if !request.untouched() => write_failed = Some(error),
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
+                }
+            }
+            loop {
+                match parse_response_head(&mut self.buffer, method)? {
+                    Some(head) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
+                        return Poll::Ready(Err(H1Error::UnexpectedUpgrade));
+                    }
+                    Some(head) if head.status.is_informational() => continue,
+                    Some(head) => return Poll::Ready(Ok(head)),
+                    None => {}
+                }
+                if ready!(self.poll_read(cx))? == 0 {
+                    return Poll::Ready(Err(write_failed.take().unwrap_or(H1Error::ClosedBeforeResponse)));
+                }
+            }
+        })
+        .await?;
+        let reusable = head.keep_alive && request.finished;
+        let decoder = match head.framing {
+            Framing::Empty | Framing::Length(0) => BodyDecoder::Done,
+            Framing::Length(length) => BodyDecoder::Length(length),
+            Framing::Chunked => BodyDecoder::Chunked(ChunkedDecoder::Size),
+            Framing::UntilClose => BodyDecoder::UntilClose,
+        };
+        Ok(Exchange { head, body: ResponseBody { connection: Some(self), decoder, reusable } })
+    }
+}
+
+impl<S: AsyncRead + Unpin> Connection<S> {
+    /// Reads what has arrived into the buffer; 0 at the end of the stream. The next read gets
+    /// more room after one that filled all it had.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.buffer.reserve(self.read_size);
+        let room = self.buffer.capacity() - self.buffer.len();
+        let read = ready!(poll_read_buf(Pin::new(&mut *self.io), cx, &mut self.buffer))?;
+        if read == room {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        }
+        Poll::Ready(Ok(read))
+    }
+}
+
+/// A response head and the body that follows it on the connection.
+pub struct Exchange<S> {
+    /// The response head.
+    pub head: ResponseHead,
+    /// The response body, read from the connection as it is polled.
+    pub body: ResponseBody<S>,
+}
+
+/// Where a response body is in its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyDecoder {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// A response body read from its connection as it is polled.
+pub struct ResponseBody<S> {
+    connection: Option<Connection<S>>,
+    decoder: BodyDecoder,
+    reusable: bool,
+}
+
+impl<S> ResponseBody<S> {
+    /// The connection, once the body has ended and the connection can carry another request
+    /// (kept alive, the request all written, nothing more sent after the response).
+    pub fn take_reusable(&mut self) -> Option<Connection<S>> {
+        let reusable = self.reusable
+            && self.decoder == BodyDecoder::Done
+            && self.connection.as_ref().is_some_and(|c| c.buffer.is_empty());
+        if reusable { self.connection.take() } else { None }
+    }
+}
+
+impl<S: AsyncRead + Unpin> Body for ResponseBody<S> {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(connection) = this.connection.as_mut() else { return Poll::Ready(None) };
+            let buffer = &mut connection.buffer;
+            match &mut this.decoder {
+                BodyDecoder::Done => return Poll::Ready(None),
+                BodyDecoder::Length(left) => {
+                    if !buffer.is_empty() {
+                        let take = usize::try_from(*left).unwrap_or(usize::MAX).min(buffer.len());
+                        *left -= take as u64;
+                        if *left == 0 {
+                            this.decoder = BodyDecoder::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(buffer.split_to(take).freeze()))));
+                    }
+                }
+                BodyDecoder::Chunked(decoder) => match decoder.decode(buffer) {
+                    Err(error) => {
+                        this.connection = None;
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Trailers(trailers)) => {
+                        this.decoder = BodyDecoder::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Decoded::End) => {
+                        this.decoder = BodyDecoder::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                },
+                BodyDecoder::UntilClose => {
+                    if !buffer.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(buffer.split().freeze()))));
+                    }
+                }
+            }
+            match ready!(connection.poll_read(cx)) {
+                Ok(0) if this.decoder == BodyDecoder::UntilClose => {
+                    this.decoder = BodyDecoder::Done;
+                    this.connection = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.connection = None;
+                    return Poll::Ready(Some(Err(H1Error::IncompleteBody)));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    this.connection = None;
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.decoder == BodyDecoder::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder {
+            BodyDecoder::Length(left) => SizeHint::with_exact(left),
+            BodyDecoder::Done => SizeHint::with_exact(0),
+            BodyDecoder::Chunked(_) | BodyDecoder::UntilClose => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use proptest::prelude::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
+
+    use super::*;
+
+    type TestBody = Full<Bytes>;
+
+    fn encoded(method: Method, headers: &[(&str, &str)], body: RequestBody<TestBody>) -> String {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        }
+        let outgoing = Outgoing::new(&method, "/?query=SELECT%201", &map, body);
+        let bytes: Vec<u8> = outgoing.pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn request_heads_keep_header_order_and_frame_the_body_they_carry() {
+        let get = encoded(
+            Method::GET,
+            &[("host", "ch:8123"), ("x-clickhouse-user", "u"), ("accept", "*/*")],
+            RequestBody::Full(Bytes::new()),
+        );
+        assert_eq!(
+            get,
+            "GET /?query=SELECT%201 HTTP/1.1\r\nhost: ch:8123\r\nx-clickhouse-user: u\r\naccept: */*\r\n\r\n"
+        );
+        let post = encoded(
+            Method::POST,
+            &[("content-length", "99"), ("transfer-encoding", "chunked")],
+            RequestBody::Full(Bytes::from_static(b"SELECT 1")),
+        );
+        assert_eq!(post, "POST /?query=SELECT%201 HTTP/1.1\r\ncontent-length: 8\r\n\r\nSELECT 1");
+        // An empty body keeps the length the client declared, as hyper does.
+        let empty = encoded(Method::POST, &[("content-length", "0")], RequestBody::Full(Bytes::new()));
+        assert_eq!(empty, "POST /?query=SELECT%201 HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        let streamed = encoded(Method::POST, &[("content-length", "12")], RequestBody::Stream(Full::new(Bytes::new())));
+        assert_eq!(streamed, "POST /?query=SELECT%201 HTTP/1.1\r\ncontent-length: 12\r\n\r\n");
+        let chunked = encoded(Method::POST, &[("x-a", "1")], RequestBody::Stream(Full::new(Bytes::new())));
+        assert_eq!(chunked, "POST /?query=SELECT%201 HTTP/1.1\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n");
+    }
+
+    #[test]
+    fn large_complete_bodies_are_written_after_the_head_without_a_copy() {
+        let body = Bytes::from(vec![b'x'; INLINE_BODY_BYTES + 1]);
+        let outgoing =
+            Outgoing::<TestBody>::new(&Method::POST, "/", &HeaderMap::new(), RequestBody::Full(body.clone()));
+        assert_eq!(outgoing.pieces.len(), 2);
+        assert_eq!(outgoing.pieces[1].as_ptr(), body.as_ptr());
+    }
+
+    fn head(text: &str, method: &Method) -> Result<Option<ResponseHead>, H1Error> {
+        parse_response_head(&mut BytesMut::from(text.as_bytes()), method)
+    }
+
+    #[test]
+    fn response_heads_give_their_framing_and_lose_their_hop_by_hop_headers() {
+        let text = "HTTP/1.1 200 OK\r\nX-ClickHouse-Query-Id: q1\r\nConnection: Keep-Alive, X-Private\r\nX-Private: 1\r\n\
+                    Keep-Alive: timeout=10\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\nX-ClickHouse-Format: TSV\r\n\r\nrest";
+        let mut buffer = BytesMut::from(text.as_bytes());
+        let parsed = parse_response_head(&mut buffer, &Method::POST).unwrap().unwrap();
+        assert_eq!(&buffer[..], b"rest", "only the head is taken");
+        assert_eq!(parsed.framing, Framing::Chunked);
+        assert!(parsed.keep_alive);
+        assert_eq!(parsed.reason, None);
+        let names: Vec<_> = parsed.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-clickhouse-query-id", "x-clickhouse-format"]);
+
+        let length =
+            head("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 7, 7\r\n\r\n", &Method::POST).unwrap().unwrap();
+        assert_eq!((length.status.as_u16(), length.framing), (500, Framing::Length(7)));
+        assert_eq!(length.headers["content-length"], "7, 7");
+        let close =
+            head("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", &Method::GET).unwrap().unwrap();
+        assert!(!close.keep_alive);
+        let until_close = head("HTTP/1.1 200 OK\r\n\r\n", &Method::GET).unwrap().unwrap();
+        assert_eq!((until_close.framing, until_close.keep_alive), (Framing::UntilClose, false));
+        let old = head("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", &Method::GET).unwrap().unwrap();
+        assert_eq!((old.version, old.keep_alive), (Version::HTTP_10, false));
+        let old_kept = head("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n", &Method::GET)
+            .unwrap()
+            .unwrap();
+        assert!(old_kept.keep_alive);
+        let to_head = head("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", &Method::HEAD).unwrap().unwrap();
+        assert_eq!(to_head.framing, Framing::Empty);
+        assert_eq!(to_head.headers["content-length"], "10");
+        let not_modified =
+            head("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", &Method::GET).unwrap().unwrap();
+        assert_eq!(not_modified.framing, Framing::Empty);
+        let reason = head("HTTP/1.1 200 Fine\r\nContent-Length: 0\r\n\r\n", &Method::GET).unwrap().unwrap();
+        assert_eq!(reason.reason.unwrap().as_bytes(), b"Fine");
+    }
+
+    #[test]
+    fn clickhouse_header_names_are_known_in_any_case() {
+        assert_eq!(header_name(b"X-ClickHouse-Summary").unwrap(), "x-clickhouse-summary");
+        assert_eq!(header_name(b"x-clickhouse-query-id").unwrap(), "x-clickhouse-query-id");
+        assert_eq!(header_name(b"X-ClickHouse-Something-New").unwrap(), "x-clickhouse-something-new");
+        assert_eq!(header_name(b"Content-Type").unwrap(), header::CONTENT_TYPE);
+        assert!(header_name(b"bad name").is_err());
+    }
+
+    #[test]
+    fn bad_or_unfinished_response_heads_are_told_apart() {
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Le", &Method::GET).unwrap().is_none());
+        assert!(head("", &Method::GET).unwrap().is_none());
+        assert!(matches!(head("SSH-2.0-OpenSSH\r\n\r\n", &Method::GET), Err(H1Error::InvalidHead(_))));
+        assert!(matches!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", &Method::GET),
+            Err(H1Error::InvalidHead(_))
+        ));
+        assert!(matches!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", &Method::GET),
+            Err(H1Error::InvalidHead(_))
+        ));
+        let endless = format!("HTTP/1.1 200 OK\r\nX-Long: {}", "a".repeat(MAX_HEAD_BYTES));
+        assert!(matches!(head(&endless, &Method::GET), Err(H1Error::HeadTooLarge)));
+    }
+
+    /// Decodes `wire` fed in pieces of the given sizes; the body, and trailers if any.
+    fn decode_in_pieces(wire: &[u8], sizes: &[usize]) -> Result<(Vec<u8>, Option<HeaderMap>), H1Error> {
+        let mut decoder = ChunkedDecoder::default();
+        let mut buffer = BytesMut::new();
+        let (mut body, mut trailers, mut fed) = (Vec::new(), None, 0);
+        let mut sizes = sizes.iter().copied().cycle();
+        loop {
+            match decoder.decode(&mut buffer)? {
+                Decoded::Data(data) => body.extend_from_slice(&data),
+                Decoded::Trailers(map) => trailers = Some(map),
+                Decoded::End => return Ok((body, trailers)),
+                Decoded::NeedMore if fed == wire.len() => return Err(H1Error::IncompleteBody),
+                Decoded::NeedMore => {
+                    let next = (fed + sizes.next().unwrap_or(1).max(1)).min(wire.len());
+                    buffer.extend_from_slice(&wire[fed..next]);
+                    fed = next;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let wire = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: 1\r\n\r\n";
+        let (body, trailers) = decode_in_pieces(wire, &[1]).unwrap();
+        assert_eq!(body, b"hello world");
+        assert_eq!(trailers.unwrap()["x-checksum"], "1");
+        assert!(matches!(decode_in_pieces(b"5\r\nhelloXX", &[100]), Err(H1Error::InvalidChunk)));
+        assert!(matches!(decode_in_pieces(b"zz\r\n", &[100]), Err(H1Error::InvalidChunk)));
+        assert!(matches!(decode_in_pieces(b"5\r\nhel", &[100]), Err(H1Error::IncompleteBody)));
+    }
+
+    proptest! {
+        #[test]
+        fn chunked_bodies_decode_however_they_are_cut(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            cuts in proptest::collection::vec(1usize..64, 1..8),
+            upper in any::<bool>(),
+        ) {
+            let mut wire = Vec::new();
+            for chunk in &chunks {
+                let size = if upper { format!("{:X}", chunk.len()) } else { format!("{:x}", chunk.len()) };
+                wire.extend_from_slice(size.as_bytes());
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+            let (body, trailers) = decode_in_pieces(&wire, &cuts).unwrap();
+            prop_assert_eq!(body, chunks.concat());
+            prop_assert!(trailers.is_none());
+        }
+    }
+
+    /// A connection over an in-memory pipe, and the upstream's end of it.
+    fn pipe() -> (Connection<DuplexStream>, DuplexStream) {
+        let (client, upstream) = duplex(1 << 20);
+        (Connection::new(client), upstream)
+    }
+
+    /// A GET sent on a fresh pipe whose upstream has already written `answer`: the exchange, and
+    /// the upstream's end.
+    async fn answered(answer: &[u8]) -> (Exchange<DuplexStream>, DuplexStream) {
+        let (connection, mut upstream) = pipe();
+        let mut request =
+            Outgoing::<TestBody>::new(&Method::GET, "/", &HeaderMap::new(), RequestBody::Full(Bytes::new()));
+        upstream.write_all(answer).await.unwrap();
+        (connection.send(&Method::GET, &mut request).await.unwrap(), upstream)
+    }
+
+    async fn read_request(upstream: &mut DuplexStream, until: &[u8]) -> Vec<u8> {
+        let mut seen = Vec::new();
+        while !seen.ends_with(until) {
+            let mut byte = [0u8; 1];
+            assert_eq!(upstream.read(&mut byte).await.unwrap(), 1, "request ended early: {seen:?}");
+            seen.push(byte[0]);
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_response_is_read_past_interim_ones_and_its_connection_comes_back() {
+        let (connection, mut upstream) = pipe();
+        let mut request =
+            Outgoing::<TestBody>::new(&Method::GET, "/ping", &HeaderMap::new(), RequestBody::Full(Bytes::new()));
+        upstream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nOk.\n")
+            .await
+            .unwrap();
+        let Exchange { head, mut body } = connection.send(&Method::GET, &mut request).await.unwrap();
+        assert_eq!(read_request(&mut upstream, b"\r\n\r\n").await, b"GET /ping HTTP/1.1\r\n\r\n");
+        assert_eq!(head.status, 200);
+        assert!(body.take_reusable().is_none(), "not before the body is read");
+        assert_eq!(body.size_hint().exact(), Some(4));
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "Ok.\n");
+        assert!(body.is_end_stream());
+        let mut again = body.take_reusable().expect("reusable once the body ended");
+        assert!(again.is_open());
+        drop(upstream);
+        assert!(!again.is_open(), "the upstream closed it");
+    }
+
+    #[tokio::test]
+    async fn chunked_and_close_delimited_bodies_stream_to_their_end() {
+        let (Exchange { mut body, .. }, mut upstream) =
+            answered(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n").await;
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "abc");
+        upstream.write_all(b"2\r\nde\r\n0\r\n\r\n").await.unwrap();
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "de");
+        assert!(body.frame().await.is_none());
+        assert!(body.take_reusable().is_some());
+
+        let (Exchange { body, .. }, mut upstream) = answered(b"HTTP/1.0 200 OK\r\n\r\nall of it").await;
+        let reader = tokio::spawn(async move {
+            let mut body = body;
+            let collected = (&mut body).collect().await.unwrap().to_bytes();
+            (collected, body.take_reusable().is_some())
+        });
+        upstream.write_all(b", until close").await.unwrap();
+        drop(upstream);
+        let (collected, reusable) = reader.await.unwrap();
+        assert_eq!(collected, "all of it, until close");
+        assert!(!reusable);
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_not_an_end() {
+        let (Exchange { mut body, .. }, upstream) = answered(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc").await;
+        drop(upstream);
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "abc");
+        assert!(matches!(body.frame().await, Some(Err(H1Error::IncompleteBody))));
+        assert!(body.take_reusable().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_is_sent_chunked_and_an_early_answer_ends_the_writing() {
+        let (connection, mut upstream) = pipe();
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        let stream = StreamBody::new(tokio_stream_from(receiver));
+        let mut request = Outgoing::new(&Method::POST, "/", &HeaderMap::new(), RequestBody::Stream(stream));
+        sender.send(Ok(Frame::data(Bytes::from_static(b"INSERT ")))).await.unwrap();
+        let exchange = tokio::spawn(async move {
+            let result = connection.send(&Method::POST, &mut request).await;
+            (result.map(|e| e.body.take_reusable_after_end()), request.untouched())
+        });
+        let head = read_request(&mut upstream, b"\r\n\r\n").await;
+        assert!(String::from_utf8(head).unwrap().ends_with("transfer-encoding: chunked\r\n\r\n"));
+        assert_eq!(read_request(&mut upstream, b"INSERT \r\n").await, b"7\r\nINSERT \r\n");
+        // The upstream answers before the body is done: the answer is heard.
+        upstream.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+        let (reusable, untouched) = exchange.await.unwrap();
+        assert!(!reusable.unwrap(), "a connection whose request was cut off is not reused");
+        assert!(!untouched);
+        drop(sender);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_never_left_can_be_sent_again() {
+        let (connection, upstream) = pipe();
+        drop(upstream);
+        let mut request =
+            Outgoing::<TestBody>::new(&Method::GET, "/", &HeaderMap::new(), RequestBody::Full(Bytes::new()));
+        assert!(connection.send(&Method::GET, &mut request).await.is_err());
+        assert!(request.untouched());
+    }
+
+    /// A stream of the frames sent on `receiver`.
+    fn tokio_stream_from(
+        mut receiver: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Unpin {
+        Box::pin(futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx)))
+    }
+
+    impl<S> ResponseBody<S> {
+        /// Whether the connection would be reused once this (empty) body is done.
+        fn take_reusable_after_end(mut self) -> bool {
+            self.take_reusable().is_some()
+        }
+    }
+}
