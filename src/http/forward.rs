@@ -267,6 +267,16 @@ impl http_body::Body for UpstreamBody {
     }
 }
 
+impl Drop for UpstreamBody {
+    /// A body that was done before anyone polled it (an empty one: hyper's server sends it
+    /// without polling) gives its connection back here.
+    fn drop(&mut self) {
+        if let Some(connection) = self.body.take_reusable() {
+            self.pool.release(connection);
+        }
+    }
+}
+
 /// The body of a request to the upstream.
 pub type UpstreamRequestBody = h1::RequestBody<ProxyBody>;
 
@@ -485,6 +495,17 @@ mod tests {
         let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
         for _ in 0..5 {
             assert_eq!(text(get(&up).await).await, authority, "the Host header names the upstream");
+        }
+        assert_eq!(accepted.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_answer_has_no_body_is_reused_without_reading_it() {
+        let (endpoint, accepted) = counting_server(true).await;
+        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        for _ in 0..3 {
+            let response = up.send(Method::HEAD, "/", HeaderMap::new(), h1::RequestBody::Full(Bytes::new())).await;
+            assert!(http_body::Body::is_end_stream(response.unwrap().body()));
         }
         assert_eq!(accepted.load(SeqCst), 1);
     }
