@@ -15,8 +15,7 @@ connections=${BENCH_ENDURANCE_CONNECTIONS:-200}
 idle=${BENCH_ENDURANCE_IDLE:-15}
 query="$bench/queries/passthrough.sql"
 
-work="$repo/.work/bench-endurance"
-rm -rf "$work" && mkdir -p "$work"
+fresh_work endurance
 
 prerequisites
 

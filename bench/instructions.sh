@@ -20,8 +20,7 @@ warmup=${BENCH_WARMUP:-2}
 connections=${BENCH_CONNECTIONS:-16}
 query="$bench/queries/passthrough.sql"
 
-work="$repo/.work/bench-instructions"
-rm -rf "$work" && mkdir -p "$work/tmp"
+fresh_work instructions
 results="$work/results.tsv"
 : >"$results"
 

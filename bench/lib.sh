@@ -111,6 +111,12 @@ render() {
 # Threads preagg-proxy's runtime uses (tokio: one worker per core); nginx gets as many workers.
 WORKERS=$(nproc)
 
+# fresh_work NAME: sets $work to an emptied .work/bench-NAME, with tmp/ for nginx.
+fresh_work() {
+    work="$repo/.work/bench-$1"
+    rm -rf "$work" && mkdir -p "$work/tmp"
+}
+
 # start_static PORT: nginx answering `1\n` with ClickHouse's headers.
 start_static() {
     mkdir -p "$work/tmp"

@@ -38,8 +38,7 @@ ch_connections=${BENCH_CH_CONNECTIONS:-1 16 64}
 events=${BENCH_EVENTS:-1000000}
 sections=${BENCH_SECTIONS:-static clickhouse}
 
-work="$repo/.work/bench-load"
-rm -rf "$work" && mkdir -p "$work"
+fresh_work load
 results="$work/results.tsv"
 : >"$results"
 

@@ -19,7 +19,6 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
-use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -223,8 +222,6 @@ impl Proxy {
     async fn forward(&self, parts: Parts, how: Forward, reason: Reason) -> (Response<ProxyBody>, Outcome) {
         let outcome = Outcome::Passthrough(reason);
         let body = match how {
-            // Nothing to stream (a GET): sent like a complete empty body.
-            Forward::Stream(body) if body.is_end_stream() => RequestBody::Full(Bytes::new()),
             Forward::Stream(body) => RequestBody::Stream(forward::streaming(body)),
             Forward::Prefixed(prefix, rest) => RequestBody::Stream(forward::prefixed(prefix, rest)),
             Forward::Original(raw) => RequestBody::Full(raw),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_rustls::MaybeHttpsStream;
@@ -53,13 +53,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         // Usually just `keep-alive`: nothing is allocated then.
         let mut named = Vec::new();
         for value in values {
-            let Ok(options) = value.to_str() else { continue };
-            for option in options.split(',').map(str::trim) {
-                // Connection options, not header names.
-                if option.eq_ignore_ascii_case("keep-alive") || option.eq_ignore_ascii_case("close") {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(option.as_bytes()) {
+            for option in h1::connection_options(value.as_bytes()) {
+                if let h1::ConnectionOption::Header(name) = option {
                     named.push(name);
                 }
             }
@@ -144,8 +139,8 @@ type UpstreamConnection = h1::Connection<UpstreamStream>;
 
 /// The HTTP/1.1 client to the upstream ClickHouse: keep-alive connections ([`h1::Connection`]),
 /// each carrying one request at a time, reused most-recent first. A connection goes back to the
-/// pool as soon as the response body it carried has been read to its end; a body abandoned
-/// half-way closes its connection (which cancels the query upstream).
+/// pool when the response body it carried, read to its end, is dropped; a body abandoned half-way
+/// closes its connection (which cancels the query upstream).
 ///
 /// Each proxy worker thread has its own pool ([`Upstream::with_own_pool`]): a connection is then
 /// driven by the thread whose requests use it.
@@ -237,7 +232,8 @@ impl Pool {
     }
 }
 
-/// The body of an upstream response; its connection returns to the pool once the body ends.
+/// The body of an upstream response; its connection returns to the pool when the body, read to
+/// its end, is dropped.
 pub struct UpstreamBody {
     body: h1::ResponseBody<UpstreamStream>,
     pool: Arc<Pool>,
@@ -251,11 +247,7 @@ impl http_body::Body for UpstreamBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, h1::H1Error>>> {
-        let frame = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if let Some(connection) = self.body.take_reusable() {
-            self.pool.release(connection);
-        }
-        frame
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -268,8 +260,8 @@ impl http_body::Body for UpstreamBody {
 }
 
 impl Drop for UpstreamBody {
-    /// A body that was done before anyone polled it (an empty one: hyper's server sends it
-    /// without polling) gives its connection back here.
+    /// A body read to its end (or done before anyone polled it: hyper's server sends an empty one
+    /// without polling) gives its connection back; one abandoned half-way closes it.
     fn drop(&mut self) {
         if let Some(connection) = self.body.take_reusable() {
             self.pool.release(connection);

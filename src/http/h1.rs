@@ -93,6 +93,38 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     NAMES.iter().any(|hop| hop.len() == name.len() && hop.eq_ignore_ascii_case(name))
 }
 
+/// Appends `name: value` and its line end to a head being written.
+fn push_field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    head.extend_from_slice(name);
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
+}
+
+/// One option of a `Connection` header (RFC 9110 section 7.6.1).
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConnectionOption {
+    /// `close`: the connection ends after this message.
+    Close,
+    /// `keep-alive`: it stays open.
+    KeepAlive,
+    /// A header that describes this connection only.
+    Header(HeaderName),
+}
+
+/// The options of one `Connection` header value; tokens that are not header names are skipped.
+pub fn connection_options(value: &[u8]) -> impl Iterator<Item = ConnectionOption> + '_ {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii).filter_map(|option| {
+        if option.eq_ignore_ascii_case(b"close") {
+            Some(ConnectionOption::Close)
+        } else if option.eq_ignore_ascii_case(b"keep-alive") {
+            Some(ConnectionOption::KeepAlive)
+        } else {
+            HeaderName::from_bytes(option).ok().map(ConnectionOption::Header)
+        }
+    })
+}
+
 /// How a streamed request body is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StreamFraming {
@@ -125,64 +157,58 @@ where
 {
     /// Encodes the head of a request for `target`: the request line, `headers` in their order
     /// (names lower case, as hyper writes them) and the body's framing. A complete body gets its
-    /// `Content-Length` (an empty one keeps whatever the headers say, as hyper does); a streamed
-    /// one keeps the client's `Content-Length` or is sent chunked. `Transfer-Encoding` in
-    /// `headers` is never copied: the framing written is the one the body is sent with.
+    /// `Content-Length`; an empty one (complete, or a stream that has already ended) keeps whatever
+    /// the headers say, as hyper does; a streamed one keeps the client's `Content-Length` or is
+    /// sent chunked. `Transfer-Encoding` in `headers` is never copied: the framing written is the
+    /// one the body is sent with.
     pub fn new(method: &Method, target: &str, headers: &HeaderMap, body: RequestBody<B>) -> Outgoing<B> {
-        let (length, stream) = match body {
-            RequestBody::Full(bytes) if bytes.is_empty() => (None, None),
-            RequestBody::Full(bytes) => (Some(bytes.len() as u64), Some(Err(bytes))),
-            RequestBody::Stream(body) => {
-                let declared = headers
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-                let framing = declared.map_or(StreamFraming::Chunked, StreamFraming::Length);
-                (declared, Some(Ok((body, framing))))
-            }
+        let empty = match &body {
+            RequestBody::Full(bytes) => bytes.is_empty(),
+            RequestBody::Stream(stream) => stream.is_end_stream(),
         };
         let mut head = Vec::with_capacity(256);
         head.extend_from_slice(method.as_str().as_bytes());
         head.push(b' ');
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        let framed = stream.is_some();
         for (name, value) in headers {
-            if name == header::TRANSFER_ENCODING || (framed && name == header::CONTENT_LENGTH) {
+            if name == header::TRANSFER_ENCODING || (!empty && name == header::CONTENT_LENGTH) {
                 continue;
             }
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
+            push_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
         }
-        match (&stream, length) {
-            (Some(Ok((_, StreamFraming::Chunked))), _) => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            (Some(_), Some(length)) => {
-                head.extend_from_slice(b"content-length: ");
-                head.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
-                head.extend_from_slice(b"\r\n");
+        let (stream, complete) = match body {
+            _ if empty => (None, None),
+            RequestBody::Full(bytes) => {
+                push_field(&mut head, b"content-length", itoa::Buffer::new().format(bytes.len()).as_bytes());
+                (None, Some(bytes))
             }
-            _ => {}
-        }
+            RequestBody::Stream(stream) => {
+                let declared = headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                let framing = match declared {
+                    Some(length) => {
+                        push_field(&mut head, b"content-length", itoa::Buffer::new().format(length).as_bytes());
+                        StreamFraming::Length(length)
+                    }
+                    None => {
+                        push_field(&mut head, b"transfer-encoding", b"chunked");
+                        StreamFraming::Chunked
+                    }
+                };
+                (Some((stream, framing)), None)
+            }
+        };
         head.extend_from_slice(b"\r\n");
         let mut pieces = VecDeque::with_capacity(2);
-        let stream = match stream {
-            Some(Err(bytes)) if bytes.len() <= INLINE_BODY_BYTES => {
-                head.extend_from_slice(&bytes);
-                None
-            }
-            Some(Err(bytes)) => {
-                pieces.push_back(Bytes::from(std::mem::take(&mut head)));
-                pieces.push_back(bytes);
-                None
-            }
-            Some(Ok(stream)) => Some(stream),
-            None => None,
-        };
-        if !head.is_empty() {
-            pieces.push_front(Bytes::from(head));
+        match complete {
+            Some(bytes) if bytes.len() <= INLINE_BODY_BYTES => head.extend_from_slice(&bytes),
+            Some(bytes) => pieces.push_back(bytes),
+            None => {}
         }
+        pieces.push_front(Bytes::from(head));
         Outgoing { pieces, stream, written: 0, finished: false }
     }
 
@@ -323,20 +349,18 @@ pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opt
     let base = buffer.as_ptr() as usize;
     let offset = |part: &[u8]| part.as_ptr() as usize - base;
     let mut spans = Vec::with_capacity(response.headers.len());
-    let mut connection_options: Vec<HeaderName> = Vec::new();
+    let mut connection_headers: Vec<HeaderName> = Vec::new();
     let (mut chunked, mut transfer_encoded, mut lengths) = (false, false, None::<Result<u64, ()>>);
     let mut close = version == Version::HTTP_10;
     for h in response.headers.iter() {
         let name = h.name.as_bytes();
         if is_hop_by_hop(name) {
             if name.eq_ignore_ascii_case(b"connection") {
-                for option in String::from_utf8_lossy(h.value).split(',').map(str::trim) {
-                    if option.eq_ignore_ascii_case("close") {
-                        close = true;
-                    } else if option.eq_ignore_ascii_case("keep-alive") {
-                        close = false;
-                    } else if let Ok(named) = HeaderName::from_bytes(option.as_bytes()) {
-                        connection_options.push(named);
+                for option in connection_options(h.value) {
+                    match option {
+                        ConnectionOption::Close => close = true,
+                        ConnectionOption::KeepAlive => close = false,
+                        ConnectionOption::Header(named) => connection_headers.push(named),
                     }
                 }
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
@@ -366,7 +390,7 @@ pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opt
             .map_err(|e| H1Error::InvalidHead(e.to_string()))?;
         headers.append(name, value);
     }
-    for named in connection_options {
+    for named in connection_headers {
         headers.remove(named);
     }
     let framing = if method == Method::HEAD
@@ -723,10 +747,15 @@ mod tests {
         // An empty body keeps the length the client declared, as hyper does.
         let empty = encoded(Method::POST, &[("content-length", "0")], RequestBody::Full(Bytes::new()));
         assert_eq!(empty, "POST /?query=SELECT%201 HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
-        let streamed = encoded(Method::POST, &[("content-length", "12")], RequestBody::Stream(Full::new(Bytes::new())));
+        // A stream still to come (its bytes are not part of the head).
+        let pending = || RequestBody::Stream(Full::new(Bytes::from_static(b"twelve bytes")));
+        let streamed = encoded(Method::POST, &[("content-length", "12")], pending());
         assert_eq!(streamed, "POST /?query=SELECT%201 HTTP/1.1\r\ncontent-length: 12\r\n\r\n");
-        let chunked = encoded(Method::POST, &[("x-a", "1")], RequestBody::Stream(Full::new(Bytes::new())));
+        let chunked = encoded(Method::POST, &[("x-a", "1")], pending());
         assert_eq!(chunked, "POST /?query=SELECT%201 HTTP/1.1\r\nx-a: 1\r\ntransfer-encoding: chunked\r\n\r\n");
+        // A stream that has already ended (a GET's) is sent like an empty body: no framing added.
+        let ended = encoded(Method::GET, &[("x-a", "1")], RequestBody::Stream(Full::new(Bytes::new())));
+        assert_eq!(ended, "GET /?query=SELECT%201 HTTP/1.1\r\nx-a: 1\r\n\r\n");
     }
 
     #[test]
