@@ -180,6 +180,7 @@ const RESTART_KEYS: &[&str] = &[
     "store",
     "store_timeout",
     "clickhouse_url",
+    "tls_ca_file",
     "clickhouse_user",
     "clickhouse_password",
     "preagg_database",

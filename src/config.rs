@@ -14,6 +14,8 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
 
+use crate::http::tls::ClientTls;
+
 /// One configuration key: its name, default and documentation.
 #[derive(Debug, Clone, Copy)]
 pub struct KeySpec {
@@ -67,6 +69,11 @@ pub const KEYS: &[KeySpec] = &[
         "Threads serving clients, each with its own event loop and upstream pool (default: one per CPU)",
     ),
     key("clickhouse_url", None, "ClickHouse HTTP endpoint for the proxy's own statements (default: upstream)"),
+    key(
+        "tls_ca_file",
+        None,
+        "PEM file of the authorities that https upstream and clickhouse_url certificates must chain to (default: the web's roots)",
+    ),
     key("clickhouse_user", Some("default"), "User for the proxy's own statements (DDL, builds)"),
     secret("clickhouse_password", "Password for the proxy's own statements"),
     key("preagg_database", Some("default"), "Database that holds the preaggregated tables"),
@@ -351,6 +358,8 @@ pub struct Config {
     pub workers: usize,
     /// Endpoint for the proxy's own statements.
     pub clickhouse_url: Endpoint,
+    /// The authorities `https://` endpoints must chain to.
+    pub tls: ClientTls,
     /// User for the proxy's own statements.
     pub clickhouse_user: String,
     /// Password for the proxy's own statements.
@@ -475,6 +484,9 @@ impl Config {
             shutdown_grace: m.parse("shutdown_grace", parse_duration)?,
             workers: m.optional("workers", parse_positive)?.unwrap_or_else(default_workers),
             clickhouse_url,
+            tls: m
+                .optional("tls_ca_file", |s| ClientTls::from_ca_file(Path::new(s)).map_err(|e| e.to_string()))?
+                .unwrap_or_default(),
             clickhouse_user: m.parse("clickhouse_user", |s| Ok(s.to_string()))?,
             clickhouse_password: Secret(m.optional("clickhouse_password", |s| Ok(s.to_string()))?),
             preagg_database: m.parse("preagg_database", parse_identifier)?,
@@ -521,6 +533,7 @@ impl Config {
             format!("shutdown_grace = {:?}", self.shutdown_grace),
             format!("workers = {}", self.workers),
             format!("clickhouse_url = {}", self.clickhouse_url.redacted()),
+            format!("tls_ca_file = {}", self.tls),
             format!("clickhouse_user = {}", self.clickhouse_user),
             format!("clickhouse_password = {:?}", self.clickhouse_password),
             format!("preagg_database = {}", self.preagg_database),
@@ -759,6 +772,17 @@ mod tests {
         std::fs::write(&path, "listne = \"127.0.0.1:9000\"\n").unwrap();
         let err = Config::load(&SettingsArgs::default(), Some(&path)).unwrap_err().to_string();
         assert!(err.contains("unknown key `listne`"), "{err}");
+    }
+
+    #[test]
+    fn a_tls_ca_file_that_does_not_load_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorities.pem");
+        std::fs::write(&path, "no certificate here\n").unwrap();
+        let err = Config::load(&args(&[("tls_ca_file", path.to_str().unwrap())]), None).unwrap_err().to_string();
+        assert!(err.contains("`tls_ca_file`") && err.contains("no PEM certificate"), "{err}");
+        let c = Config::load(&args(&[]), None).unwrap();
+        assert!(c.redacted_lines().contains(&"tls_ca_file = web roots".to_string()));
     }
 
     #[test]

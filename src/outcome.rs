@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use http::HeaderValue;
+
 /// Why a request was forwarded untouched. The codes are stable: dashboards and tests use them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -79,47 +81,69 @@ pub enum Reason {
     Shadow,
 }
 
-impl Reason {
-    /// The stable code.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::NotQueryEndpoint => "not_query_endpoint",
-            Reason::Insert => "insert",
-            Reason::NotSelect => "not_select",
-            Reason::ExternalData => "external_data",
-            Reason::ModeOff => "mode_off",
-            Reason::NotExperimentQuery => "not_experiment_query",
-            Reason::TokenizeError => "tokenize_error",
-            Reason::ParseBudgetExceeded => "parse_budget_exceeded",
-            Reason::BodyParseError => "body_parse_error",
-            Reason::NoCandidate => "no_candidate",
-            Reason::OtherSourceTable => "other_source_table",
-            Reason::NotPlainSelect => "not_plain_select",
-            Reason::UnsupportedClause => "unsupported_clause",
-            Reason::UnsupportedGroupBy => "unsupported_group_by",
-            Reason::UnknownAggregate => "unknown_aggregate",
-            Reason::MissingPredicate => "missing_predicate",
-            Reason::MissingBound => "missing_bound",
-            Reason::AmbiguousBound => "ambiguous_bound",
-            Reason::NonLiteralBound => "non_literal_bound",
-            Reason::UnparsedBoundLiteral => "unparsed_bound_literal",
-            Reason::UnsupportedTimeExpression => "unsupported_time_expression",
-            Reason::QueryParameters => "query_parameters",
-            Reason::NonDeterministic => "non_deterministic",
-            Reason::AmbiguousColumn => "ambiguous_column",
-            Reason::Unlocatable => "unlocatable",
-            Reason::EmptyRange => "empty_range",
-            Reason::SplitQuery => "split_query",
-            Reason::NoWindowsReady => "no_windows_ready",
-            Reason::Building => "building",
-            Reason::StoreUnavailable => "store_unavailable",
-            Reason::BuildFailed => "build_failed",
-            Reason::DescribeFailed => "describe_failed",
-            Reason::RewrittenQueryFailed => "rewritten_query_failed",
-            Reason::Shadow => "shadow",
-        }
-    }
+/// The stable code of every reason and the `X-Preagg` value it gives, from one list: the values
+/// are constants, so a pass-through answer's header costs no formatting.
+macro_rules! reason_codes {
+    ($($reason:ident => $code:literal,)*) => {
+        impl Reason {
+            /// The stable code.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$reason => $code,)*
+                }
+            }
 
+            /// The `X-Preagg` value of a request forwarded untouched for this reason.
+            fn passthrough_header(self) -> HeaderValue {
+                match self {
+                    $(Reason::$reason => {
+                        const VALUE: HeaderValue = HeaderValue::from_static(concat!("passthrough reason=", $code));
+                        VALUE
+                    })*
+                }
+            }
+        }
+    };
+}
+
+reason_codes! {
+    NotQueryEndpoint => "not_query_endpoint",
+    Insert => "insert",
+    NotSelect => "not_select",
+    ExternalData => "external_data",
+    ModeOff => "mode_off",
+    NotExperimentQuery => "not_experiment_query",
+    TokenizeError => "tokenize_error",
+    ParseBudgetExceeded => "parse_budget_exceeded",
+    BodyParseError => "body_parse_error",
+    NoCandidate => "no_candidate",
+    OtherSourceTable => "other_source_table",
+    NotPlainSelect => "not_plain_select",
+    UnsupportedClause => "unsupported_clause",
+    UnsupportedGroupBy => "unsupported_group_by",
+    UnknownAggregate => "unknown_aggregate",
+    MissingPredicate => "missing_predicate",
+    MissingBound => "missing_bound",
+    AmbiguousBound => "ambiguous_bound",
+    NonLiteralBound => "non_literal_bound",
+    UnparsedBoundLiteral => "unparsed_bound_literal",
+    UnsupportedTimeExpression => "unsupported_time_expression",
+    QueryParameters => "query_parameters",
+    NonDeterministic => "non_deterministic",
+    AmbiguousColumn => "ambiguous_column",
+    Unlocatable => "unlocatable",
+    EmptyRange => "empty_range",
+    SplitQuery => "split_query",
+    NoWindowsReady => "no_windows_ready",
+    Building => "building",
+    StoreUnavailable => "store_unavailable",
+    BuildFailed => "build_failed",
+    DescribeFailed => "describe_failed",
+    RewrittenQueryFailed => "rewritten_query_failed",
+    Shadow => "shadow",
+}
+
+impl Reason {
     /// Every reason, for metrics registration and documentation.
     pub const ALL: &'static [Reason] = &[
         Reason::NotQueryEndpoint,
@@ -188,14 +212,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The `X-Preagg` header value.
-    pub fn header_value(&self) -> String {
+    /// The `X-Preagg` header value (none when a rule's name cannot be a header value).
+    pub fn header(&self) -> Option<HeaderValue> {
         match self {
-            Outcome::Passthrough(reason) => format!("passthrough reason={reason}"),
-            Outcome::Rewritten(s) => format!(
+            Outcome::Passthrough(reason) => Some(reason.passthrough_header()),
+            Outcome::Rewritten(s) => HeaderValue::try_from(format!(
                 "rewritten rule={} occurrences={} jobs={} raw_ranges={}",
                 s.rule, s.occurrences, s.jobs, s.raw_ranges
-            ),
+            ))
+            .ok(),
         }
     }
 
@@ -223,8 +248,14 @@ mod tests {
 
     #[test]
     fn header_values() {
-        assert_eq!(Outcome::Passthrough(Reason::Insert).header_value(), "passthrough reason=insert");
+        for r in Reason::ALL {
+            let value = Outcome::Passthrough(*r).header().unwrap();
+            assert_eq!(value, format!("passthrough reason={}", r.as_str()).as_str());
+        }
         let s = RewriteSummary { rule: "r".into(), occurrences: 2, jobs: 30, raw_ranges: 3 };
-        assert_eq!(Outcome::Rewritten(s).header_value(), "rewritten rule=r occurrences=2 jobs=30 raw_ranges=3");
+        let value = Outcome::Rewritten(s).header().unwrap();
+        assert_eq!(value, "rewritten rule=r occurrences=2 jobs=30 raw_ranges=3");
+        let s = RewriteSummary { rule: "line\nbreak".into(), occurrences: 1, jobs: 1, raw_ranges: 0 };
+        assert_eq!(Outcome::Rewritten(s).header(), None);
     }
 }

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -33,6 +33,9 @@ use crate::preagg::{Decision, Deferred, Engine, QueryContext};
 use crate::shadow::{Shadow, ShadowRequest};
 
 /// Paths ClickHouse serves with static handlers; every other path runs queries.
+/// The response header that tells what the proxy did (see [`Outcome`]).
+static X_PREAGG: HeaderName = HeaderName::from_static("x-preagg");
+
 const STATIC_PATHS: &[&str] = &["/ping", "/replicas_status", "/play", "/dashboard", "/binary", "/merges"];
 
 /// The engine, once the job store is connected (queries pass through until then).
@@ -70,7 +73,12 @@ impl Proxy {
     /// A proxy forwarding to the configured upstream; the engine is filled in once it connects.
     pub fn new(config: &Config, engine: EngineSlot, shadow: Option<Arc<Shadow>>) -> Proxy {
         Proxy {
-            upstream: Upstream::new(config.upstream.clone(), config.connect_timeout, config.upstream_timeout),
+            upstream: Upstream::new(
+                config.upstream.clone(),
+                &config.tls,
+                config.connect_timeout,
+                config.upstream_timeout,
+            ),
             engine,
             shadow,
             started_off: config.mode == Mode::Off,
@@ -102,8 +110,8 @@ impl Proxy {
         let mut log = RequestLog::start(parts.method.clone(), parts.uri.clone());
         let mut deferred = Deferred::default();
         let (mut response, outcome) = self.route(parts, body, &mut log.record, &mut deferred).await;
-        if let Ok(value) = HeaderValue::from_str(&outcome.header_value()) {
-            response.headers_mut().insert("x-preagg", value);
+        if let Some(value) = outcome.header() {
+            response.headers_mut().insert(X_PREAGG.clone(), value);
         }
         log.record.status = response.status().as_u16();
         log.record.outcome = outcome.label();

@@ -169,7 +169,12 @@ impl Shadow {
         let (queue, mut receiver) = mpsc::channel::<ShadowRequest>(config.shadow_queue);
         let stats = Arc::new(Mutex::new(BTreeMap::new()));
         let worker = Arc::new(Worker {
-            upstream: Upstream::new(config.upstream.clone(), config.connect_timeout, config.shadow_timeout),
+            upstream: Upstream::new(
+                config.upstream.clone(),
+                &config.tls,
+                config.connect_timeout,
+                config.shadow_timeout,
+            ),
             engine,
             stats: Arc::clone(&stats),
             noise: config.shadow_noise,

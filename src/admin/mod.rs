@@ -112,7 +112,12 @@ impl Admin {
             engine,
             shadow,
             metrics,
-            upstream: Upstream::new(config.upstream.clone(), config.connect_timeout, config.connect_timeout),
+            upstream: Upstream::new(
+                config.upstream.clone(),
+                &config.tls,
+                config.connect_timeout,
+                config.connect_timeout,
+            ),
             token: config.admin_token.clone(),
         })
     }

@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tower_service::Service as _;
 
 use super::h1;
+use super::tls::ClientTls;
 use crate::config::Endpoint;
 
 /// Boxed error of a proxied body.
@@ -150,7 +151,6 @@ pub struct Upstream {
     pool: Arc<Pool>,
     endpoint: Endpoint,
     host: HeaderValue,
-    connect_timeout: Duration,
     timeout: Duration,
 }
 
@@ -273,28 +273,22 @@ impl Drop for UpstreamBody {
 pub type UpstreamRequestBody = h1::RequestBody<ProxyBody>;
 
 impl Upstream {
-    /// A client for `endpoint` with keep-alive pooling.
-    pub fn new(endpoint: Endpoint, connect_timeout: Duration, timeout: Duration) -> Upstream {
+    /// A client for `endpoint` with keep-alive pooling, over TLS with `tls` for `https://`.
+    pub fn new(endpoint: Endpoint, tls: &ClientTls, connect_timeout: Duration, timeout: Duration) -> Upstream {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         http.set_keepalive(Some(Duration::from_secs(60)));
         http.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = tls.connector(http);
         let host = host_header(&endpoint.uri);
-        Upstream { connector, pool: Pool::new(MAX_IDLE), endpoint, host, connect_timeout, timeout }
+        Upstream { connector, pool: Pool::new(MAX_IDLE), endpoint, host, timeout }
     }
 
     /// A client to the same endpoint with the same timeouts and a connection pool of its own,
     /// one of `pools` that share out the idle connections this client would keep.
     pub fn with_own_pool(&self, pools: usize) -> Upstream {
-        let mut upstream = Upstream::new(self.endpoint.clone(), self.connect_timeout, self.timeout);
-        upstream.pool = Pool::new(MAX_IDLE.div_ceil(pools.max(1)));
-        upstream
+        Upstream { pool: Pool::new(MAX_IDLE.div_ceil(pools.max(1))), ..self.clone() }
     }
 
     /// The endpoint, for logs.
@@ -433,11 +427,11 @@ mod tests {
     #[test]
     fn target_keeps_the_path_and_query_bytes() {
         let endpoint = Endpoint { uri: "http://ch:8123/prefix/".parse().unwrap() };
-        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(1));
+        let up = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(1), Duration::from_secs(1));
         let target = up.target("/?query=SELECT%201&user=a%2Bb").unwrap();
         assert_eq!(target.as_str(), "/prefix/?query=SELECT%201&user=a%2Bb");
         let plain = Endpoint { uri: "http://ch:8123".parse().unwrap() };
-        let up = Upstream::new(plain, Duration::from_secs(1), Duration::from_secs(1));
+        let up = Upstream::new(plain, &ClientTls::default(), Duration::from_secs(1), Duration::from_secs(1));
         assert_eq!(up.target("/ping").unwrap().as_str(), "/ping");
     }
 
@@ -484,7 +478,7 @@ mod tests {
     async fn a_connection_is_reused_once_its_response_body_is_done() {
         let (endpoint, accepted) = counting_server(true).await;
         let authority = endpoint.uri.authority().unwrap().to_string();
-        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        let up = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(1), Duration::from_secs(5));
         for _ in 0..5 {
             assert_eq!(text(get(&up).await).await, authority, "the Host header names the upstream");
         }
@@ -494,7 +488,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_whose_answer_has_no_body_is_reused_without_reading_it() {
         let (endpoint, accepted) = counting_server(true).await;
-        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        let up = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(1), Duration::from_secs(5));
         for _ in 0..3 {
             let response = up.send(Method::HEAD, "/", HeaderMap::new(), h1::RequestBody::Full(Bytes::new())).await;
             assert!(http_body::Body::is_end_stream(response.unwrap().body()));
@@ -505,7 +499,7 @@ mod tests {
     #[tokio::test]
     async fn a_response_still_being_read_keeps_its_connection_to_itself() {
         let (endpoint, accepted) = counting_server(true).await;
-        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        let up = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(1), Duration::from_secs(5));
         let unread = get(&up).await;
         let second = get(&up).await;
         assert_eq!(accepted.load(SeqCst), 2);
@@ -527,7 +521,7 @@ mod tests {
             stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
         });
-        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        let up = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(1), Duration::from_secs(5));
         assert_eq!(text(get(&up).await).await, "ok");
         let idle = || up.pool.idle.lock().unwrap().connections.len();
         assert_eq!(idle(), 1, "pooled once its answer was read");
@@ -539,7 +533,7 @@ mod tests {
     #[tokio::test]
     async fn connections_the_upstream_closes_are_not_reused() {
         let (endpoint, accepted) = counting_server(false).await;
-        let up = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        let up = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(1), Duration::from_secs(5));
         for _ in 0..3 {
             text(get(&up).await).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -550,7 +544,7 @@ mod tests {
     #[tokio::test]
     async fn own_pools_do_not_share_connections() {
         let (endpoint, accepted) = counting_server(true).await;
-        let first = Upstream::new(endpoint, Duration::from_secs(1), Duration::from_secs(5));
+        let first = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(1), Duration::from_secs(5));
         let second = first.with_own_pool(2);
         text(get(&first).await).await;
         text(get(&second).await).await;

@@ -9,3 +9,4 @@ pub mod log_lines;
 pub mod preface;
 pub mod request;
 pub mod server;
+pub mod tls;

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::idle::{Activity, InFlightBody};
+use super::idle::{Activity, InFlightBody, PolledWhenWoken};
 use super::{log_lines, preface};
 
 /// How long a client may take to send its first request head; a keep-alive connection without a
@@ -97,7 +97,7 @@ where
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
         }
-        () = activity.idle_for(HEADER_READ_TIMEOUT) => tracing::debug!(%peer, "idle connection closed"),
+        () = PolledWhenWoken::new(activity.idle_for(HEADER_READ_TIMEOUT)) => tracing::debug!(%peer, "idle connection closed"),
     }
 }
 

@@ -4,6 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
 use crate::config::Config;
 use crate::rules::Rule;
 use crate::sql::quote;
@@ -95,6 +98,14 @@ pub struct StatementContext {
     pub settings: BTreeMap<String, String>,
 }
 
+/// TCP keep-alive probes on the connections of the proxy's own statements.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// How long an idle connection of the proxy's own statements is kept: less than ClickHouse's
+/// `keep_alive_timeout` (3 s before 23.11, 10 s since), so that the server never closes one
+/// first.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A client for the proxy's own statements.
 #[derive(Clone)]
 pub struct ClickHouse {
@@ -106,7 +117,15 @@ pub struct ClickHouse {
 impl ClickHouse {
     /// A client with the proxy's credentials from the configuration.
     pub fn new(config: &Config) -> ClickHouse {
-        let mut client = clickhouse::Client::default()
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(config.connect_timeout));
+        tcp.set_nodelay(true);
+        tcp.set_keepalive(Some(TCP_KEEPALIVE));
+        tcp.enforce_http(false);
+        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(config.tls.connector(tcp));
+        let mut client = clickhouse::Client::with_http_client(http)
             .with_url(config.clickhouse_url.base_url())
             .with_user(&config.clickhouse_user)
             // The proxy's statements carry little data; plain HTTP works with every server.

@@ -22,6 +22,7 @@ import random
 import select
 import signal
 import socket
+import ssl
 import string
 import sys
 import tempfile
@@ -462,7 +463,8 @@ class DisconnectWatcher:
             if not readable:
                 continue
             try:
-                gone = sock.recv(1, socket.MSG_PEEK) == b""
+                # socket.socket's own recv: on a TLS connection it peeks at the raw bytes.
+                gone = socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
             except OSError:
                 gone = True
             if gone and not self._stop.is_set():
@@ -850,10 +852,11 @@ class ChdbHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address, engine: Engine, request_log: RequestLog, auth: Optional[Tuple[str, str]],
-                 threads: int):
+                 threads: int, tls: Optional[ssl.SSLContext] = None):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
+        self.tls = tls
         self.engine = engine
         self.sessions = SessionStore(engine)
         self.request_log = request_log
@@ -886,6 +889,13 @@ class ChdbHTTPServer(ThreadingHTTPServer):
         with self._requests:
             return self._requests.wait_for(lambda: self._active_requests == 0, timeout)
 
+    def get_request(self):
+        """With TLS, the handshake happens on the connection's first read, in its own thread."""
+        connection, address = super().get_request()
+        if self.tls is not None:
+            connection = self.tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
+
     def authenticate(self, user: str, password: str) -> None:
         """Without --auth anyone is let in, like ClickHouse's default user without password."""
         if self.auth and (user, password) != self.auth:
@@ -893,8 +903,12 @@ class ChdbHTTPServer(ThreadingHTTPServer):
                                     "or there is no user with such name")
 
     def handle_error(self, request, client_address) -> None:
-        if isinstance(sys.exc_info()[1], ConnectionError):
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
             return  # the client went away: ClickHouse does not log that either
+        if isinstance(error, ssl.SSLError):
+            print(f"chdb_server: TLS with {client_address} failed: {error.reason}", file=sys.stderr)
+            return
         print(f"chdb_server: error serving {client_address}:", file=sys.stderr)
         traceback.print_exc(file=sys.stderr)
 
@@ -915,9 +929,13 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--request-log", help="appended with one JSON line per request")
     parser.add_argument("--auth", help="USER:PASSWORD required of every query (default: anyone)")
     parser.add_argument("--threads", type=int, default=64, help="queries executed at the same time (default 64)")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS instead of HTTP (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
     if args.auth is not None and ":" not in args.auth:
         parser.error("--auth must be USER:PASSWORD")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     return args
 
 
@@ -940,11 +958,15 @@ def main(argv=None) -> int:
     engine = Engine(args.data_dir)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     request_log = RequestLog(args.request_log)
-    server = ChdbHTTPServer((args.host, args.port), engine, request_log, auth, args.threads)
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    server = ChdbHTTPServer((args.host, args.port), engine, request_log, auth, args.threads, tls)
     port = server.server_address[1]
     if args.port_file:
         write_atomically(args.port_file, f"{port}\n")
-    print(f"listening on http://{args.host}:{port}", flush=True)
+    print(f"listening on {'https' if tls else 'http'}://{args.host}:{port}", flush=True)
 
     def stop(signum=None, frame=None):
         # shutdown() waits for serve_forever() to return, which runs on this very thread.
