@@ -23,6 +23,9 @@
 #   BENCH_CH_CONNECTIONS ("1 16 64")
 #   BENCH_EVENTS (1000000)        generated events (kept in .work/bench-data and reused)
 #   BENCH_WRK_THREADS (1)         wrk threads (the machine running everything has few cores)
+#   BENCH_ROUNDS (1)              rounds of the static section: at each concurrency every path is
+#                                 measured once per round, the paths in a rotated order each round;
+#                                 the report gives medians over the rounds and each round's added p50
 #   BENCH_SECTIONS ("static clickhouse")
 #   BENCH_BASELINE (unset)        a git revision: its release build joins the static section as
 #                                 "preagg-proxy --mode off @REV", a before/after in one run
@@ -37,6 +40,7 @@ ch_seconds=${BENCH_CH_SECONDS:-30}
 ch_connections=${BENCH_CH_CONNECTIONS:-1 16 64}
 events=${BENCH_EVENTS:-1000000}
 sections=${BENCH_SECTIONS:-static clickhouse}
+rounds=${BENCH_ROUNDS:-1}
 
 fresh_work load
 results="$work/results.tsv"
@@ -84,18 +88,18 @@ preagg_header() {
     curl -sS -o /dev/null -D - --data-binary @"$2" "$1/" | tr -d '\r' | sed -n 's/^x-preagg: //Ip'
 }
 
-# cell SECTION QUERY PATH CONNECTIONS URL BODY SECONDS TIMEOUT COUNT PID: one measured wrk run;
-# PID is the process serving the path (the hop, or the upstream for direct), whose CPU time
+# cell SECTION QUERY PATH CONNECTIONS URL BODY SECONDS TIMEOUT COUNT PID [ROUND]: one measured wrk
+# run; PID is the process serving the path (the hop, or the upstream for direct), whose CPU time
 # during the run is recorded.
 cell() {
     local line before after
-    say "$1 / $3 / $4 connections (${7}s)"
+    say "$1 / $3 / $4 connections (${7}s)${11:+, round ${11}}"
     before=$(cpu_ticks "${10}")
     line=$(run_wrk "$4" "$7" "$5" "$6" "$8" "$9")
     after=$(cpu_ticks "${10}")
     echo "$line" >&2
-    printf '%s\t%s\t%s\t%s\t%s busy_before=%s cpu_us=%s\n' "$1" "$2" "$3" "$4" "${line#RESULT }" "$BUSY" \
-        "$(((after - before) * 1000000 / $(getconf CLK_TCK)))" >>"$results"
+    printf '%s\t%s\t%s\t%s\t%s busy_before=%s cpu_us=%s round=%s\n' "$1" "$2" "$3" "$4" "${line#RESULT }" "$BUSY" \
+        "$(((after - before) * 1000000 / $(getconf CLK_TCK)))" "${11:-1}" >>"$results"
 }
 
 if [[ " $sections " == *" static "* ]]; then
@@ -124,11 +128,16 @@ if [[ " $sections " == *" static "* ]]; then
     )
     [ -z "${baseline_path:-}" ] || static_pids[$baseline_path]=$PROXY_PID_baseline
     for c in $connections; do
-        for path in "${static_paths[@]}"; do
-            quiet_machine
-            run_wrk "$c" "$warmup" "${static_urls[$path]}/" "$passthrough_query" 10s >/dev/null
-            cell static "pass-through SELECT" "$path" "$c" "${static_urls[$path]}/" "$passthrough_query" \
-                "$seconds" 10s 0 "${static_pids[$path]}"
+        for round in $(seq 1 "$rounds"); do
+            # Each round starts one path later, so that no path always follows the same one.
+            count=${#static_paths[@]}
+            for i in $(seq 0 $((count - 1))); do
+                path=${static_paths[$(((i + round - 1) % count))]}
+                quiet_machine
+                run_wrk "$c" "$warmup" "${static_urls[$path]}/" "$passthrough_query" 10s >/dev/null
+                cell static "pass-through SELECT" "$path" "$c" "${static_urls[$path]}/" "$passthrough_query" \
+                    "$seconds" 10s 0 "${static_pids[$path]}" "$round"
+            done
         done
     done
 fi
@@ -171,7 +180,7 @@ fi
     echo
     machine_facts
     echo "- wrk $WRK_THREADS thread(s), load generator, upstreams and hops on the same machine (loopback)"
-    echo "- static cells: ${warmup}s warm-up then ${seconds}s measured; chdb cells: ${ch_seconds}s measured"
+    echo "- static cells: ${warmup}s warm-up then ${seconds}s measured, $rounds round(s); chdb cells: ${ch_seconds}s measured"
     if [[ " $sections " == *" clickhouse "* ]]; then
         echo "- chdb data: $events generated events (28 days, seed 42); query: scripts/demo/experiment.sql"
     fi

@@ -1,9 +1,24 @@
 """Formats the RESULT lines collected by bench/load.sh as a markdown table: throughput, latency
 percentiles, the latency each hop adds over direct at the same concurrency, and the CPU time the
-hop spent per request (for direct: the upstream's own)."""
+hop spent per request (for direct: the upstream's own).
 
+With several rounds (BENCH_ROUNDS) a cell's figures are medians over its rounds, the added latency
+is taken within each round (against direct of the same round) before the median, every round's
+added p50 is listed, and a last table sets preagg-proxy against nginx like for like."""
+
+import statistics
 import sys
 from collections import OrderedDict
+
+ERRORS = ("err_connect", "err_read", "err_write", "err_timeout", "err_status")
+
+# preagg-proxy's paths and the nginx path each is compared with: both logging every request, or
+# neither.
+LIKE_FOR_LIKE = (
+    ("preagg-proxy --mode off", "nginx, access log"),
+    ("preagg-proxy --mode rewrite", "nginx, access log"),
+    ("preagg-proxy --mode off, no access log", "nginx"),
+)
 
 
 def load(path):
@@ -13,60 +28,101 @@ def load(path):
             section, query, hop, connections, fields = line.rstrip("\n").split("\t", 4)
             values = dict(pair.split("=", 1) for pair in fields.split())
             values = {k: int(v) for k, v in values.items()}
+            values.setdefault("round", 1)
             rows.append((section, query, hop, int(connections), values))
     return rows
 
 
 def ms(us):
-    return f"{us / 1000:.3f}" if us < 10_000 else f"{us / 1000:.1f}"
+    return f"{us / 1000:.3f}" if abs(us) < 10_000 else f"{us / 1000:.1f}"
 
 
-def added(us, base):
-    delta = us - base
-    return ("+" if delta >= 0 else "-") + ms(abs(delta))
+def signed(us):
+    return ("+" if us >= 0 else "-") + ms(abs(us))
+
+
+def median(values):
+    return statistics.median(values) if values else 0
 
 
 def main(path):
     rows = load(path)
-    direct = {(s, c): v for s, _, h, c, v in rows if h == "direct"}
+    direct = {(s, c, v["round"]): v for s, _, h, c, v in rows if h == "direct"}
+    rounds = max((v["round"] for *_, v in rows), default=1)
     sections = OrderedDict()
-    for row in rows:
-        sections.setdefault((row[0], row[1]), []).append(row)
+    for section, query, hop, connections, v in rows:
+        cells = sections.setdefault((section, query), OrderedDict())
+        cells.setdefault((connections, hop), []).append(v)
     busiest = max((v.get("busy_before", 0) for *_, v in rows), default=0)
     print(f"Whole-machine CPU busy in the second before each cell: at most {busiest}% "
           "(cells after more than 10% are marked †).")
+    if rounds > 1:
+        print(f"Figures are medians over {rounds} rounds; added latency is taken within each round.")
     print()
     titles = {"static": "Static upstream (nginx answering `1\\n`)", "clickhouse": "chdb-backed ClickHouse"}
+    added_p50 = {}  # (section, connections, hop) -> added p50 of each round
     for (section, query), cells in sections.items():
         print(f"## {titles.get(section, section)}: {query}")
         print()
-        counting = any(v["rewritten"] + v["not_rewritten"] for *_, v in cells)
+        counting = any(v["rewritten"] + v["not_rewritten"] for runs in cells.values() for v in runs)
         header = "| path | conns | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/req | errors |"
         rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         if counting:
             header += " rewritten |"
             rule += "---:|"
+        if rounds > 1:
+            header += " added p50 ms by round |"
+            rule += "---|"
         print(header)
         print(rule)
-        for _, _, hop, connections, v in sorted(cells, key=lambda r: r[3]):
-            base = direct.get((section, connections))
-            rate = v["requests"] / (v["duration_us"] / 1e6)
-            errors = sum(v[k] for k in ("err_connect", "err_read", "err_write", "err_timeout", "err_status"))
-            if hop == "direct" or base is None:
+        for (connections, hop), runs in sorted(cells.items(), key=lambda item: item[0][0]):
+            bases = [direct.get((section, connections, v["round"])) for v in runs]
+            rate = median([v["requests"] / (v["duration_us"] / 1e6) for v in runs])
+            errors = sum(v[k] for v in runs for k in ERRORS)
+            p50 = median([v["p50_us"] for v in runs])
+            p99 = median([v["p99_us"] for v in runs])
+            if hop == "direct" or None in bases:
                 extra = ("—", "—")
+                by_round = []
             else:
-                extra = (added(v["p50_us"], base["p50_us"]), added(v["p99_us"], base["p99_us"]))
+                by_round = [v["p50_us"] - b["p50_us"] for v, b in zip(runs, bases)]
+                added_p50[(section, connections, hop)] = by_round
+                extra = (signed(median(by_round)), signed(median([v["p99_us"] - b["p99_us"] for v, b in zip(runs, bases)])))
             rate_text = f"{rate:,.0f}" if rate >= 100 else f"{rate:.2f}"
-            flag = " †" if v.get("busy_before", 0) > 10 else ""
-            cpu = v["cpu_us"] / v["requests"] if v["requests"] else 0
+            flag = " †" if any(v.get("busy_before", 0) > 10 for v in runs) else ""
+            cpu = median([v["cpu_us"] / v["requests"] if v["requests"] else 0 for v in runs])
             cpu_text = f"{cpu:.1f}" if cpu < 1000 else f"{cpu:,.0f}"
-            line = (f"| {hop}{flag} | {connections} | {rate_text} | {ms(v['p50_us'])} | {ms(v['p99_us'])} | "
+            line = (f"| {hop}{flag} | {connections} | {rate_text} | {ms(p50)} | {ms(p99)} | "
                     f"{extra[0]} | {extra[1]} | {cpu_text} | {errors} |")
             if counting:
-                total = v["rewritten"] + v["not_rewritten"]
-                line += f" {v['rewritten']}/{total} |" if hop.startswith("preagg") else " — |"
+                rewritten = sum(v["rewritten"] for v in runs)
+                total = sum(v["rewritten"] + v["not_rewritten"] for v in runs)
+                line += f" {rewritten}/{total} |" if hop.startswith("preagg") else " — |"
+            if rounds > 1:
+                line += " " + (" ".join(signed(d) for d in by_round) or "—") + " |"
             print(line)
         print()
+    if rounds > 1:
+        like_for_like(added_p50)
+
+
+def like_for_like(added_p50):
+    """preagg-proxy's added p50 against nginx's in the same rounds, path by path."""
+    print("## preagg-proxy against nginx, like for like (added p50)")
+    print()
+    print("| conns | preagg-proxy path | nginx path | proxy ms (median) | nginx ms (median) | "
+          "proxy − nginx ms (median of rounds) | rounds with proxy ≤ nginx |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for (section, connections, hop), proxy in sorted(added_p50.items(), key=lambda item: item[0][1]):
+        for proxy_hop, nginx_hop in LIKE_FOR_LIKE:
+            nginx = added_p50.get((section, connections, nginx_hop))
+            if hop != proxy_hop or nginx is None or len(nginx) != len(proxy):
+                continue
+            differences = [p - n for p, n in zip(proxy, nginx)]
+            within = sum(1 for d in differences if d <= 0)
+            print(f"| {connections} | {proxy_hop} | {nginx_hop} | {signed(median(proxy))} | {signed(median(nginx))} | "
+                  f"{signed(median(differences))} | {within} of {len(differences)} |")
+    print()
 
 
 if __name__ == "__main__":
