@@ -319,25 +319,24 @@ impl Upstream {
         strip_hop_by_hop(&mut headers);
         headers.insert(header::HOST, self.host.clone());
         let request = h1::Outgoing::new(&method, target.as_str(), &headers, body);
-        match tokio::time::timeout(self.timeout, self.exchange(&method, request)).await {
-            Err(_) => Err(UpstreamError::Timeout { endpoint: self.endpoint.redacted(), timeout: self.timeout }),
-            Ok(result) => result,
-        }
+        self.exchange(&method, request, tokio::time::Instant::now() + self.timeout).await
     }
 
     /// Sends `request` on a pooled connection, or on a new one when none is idle or the pooled
-    /// one failed before any of the request was written (the upstream closed it while idle).
+    /// one failed before any of the request was written (the upstream closed it while idle). The
+    /// response head must come by `deadline` (opening a connection has `connect_timeout`).
     async fn exchange(
         &self,
         method: &Method,
         mut request: h1::Outgoing<ProxyBody>,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         loop {
             let (connection, reused) = match self.pool.checkout() {
                 Some(connection) => (connection, true),
                 None => (self.connect().await?, false),
             };
-            match connection.send(method, &mut request).await {
+            match connection.send(method, &mut request, deadline).await {
                 Ok(h1::Exchange { head, body }) => {
                     let mut response = Response::new(UpstreamBody { body, pool: Arc::clone(&self.pool) });
                     *response.status_mut() = head.status;
@@ -347,6 +346,9 @@ impl Upstream {
                         response.extensions_mut().insert(reason);
                     }
                     return Ok(response);
+                }
+                Err(h1::H1Error::HeadTimeout) => {
+                    return Err(UpstreamError::Timeout { endpoint: self.endpoint.redacted(), timeout: self.timeout });
                 }
                 Err(_) if reused && request.untouched() => {}
                 Err(error) => return Err(self.failed(&error)),

@@ -21,6 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, head
 use http_body::{Body, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
 /// Boxed error of a request body being streamed.
@@ -56,6 +57,9 @@ pub enum H1Error {
     /// The response head is longer than [`MAX_HEAD_BYTES`].
     #[error("response head larger than {MAX_HEAD_BYTES} bytes")]
     HeadTooLarge,
+    /// No response head by the deadline of [`Connection::send`].
+    #[error("no response head by the deadline")]
+    HeadTimeout,
     /// The upstream tried to switch protocols.
     #[error("unexpected 101 Switching Protocols")]
     UnexpectedUpgrade,
@@ -517,12 +521,17 @@ pub struct Connection<S> {
     io: Box<S>,
     buffer: BytesMut,
     read_size: usize,
+    /// The deadline of the response head. One timer for the connection's life, moved later for
+    /// each request: tokio then only extends the entry it has (an atomic update), where a timer
+    /// per request was put into and taken out of the timer wheel under its lock every time.
+    head_deadline: Pin<Box<Sleep>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    /// A connection over an open stream.
+    /// A connection over an open stream (inside a tokio runtime, whose timer it uses).
     pub fn new(io: S) -> Connection<S> {
-        Connection { io: Box::new(io), buffer: BytesMut::new(), read_size: FIRST_READ }
+        let head_deadline = Box::pin(tokio::time::sleep_until(Instant::now()));
+        Connection { io: Box::new(io), buffer: BytesMut::new(), read_size: FIRST_READ, head_deadline }
     }
 
     /// Whether an idle connection can still carry a request: nothing unread, not closed by the
@@ -537,14 +546,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Pin::new(&mut *self.io).poll_read(&mut cx, &mut probe).is_pending()
     }
 
-    /// Writes `request` (its body streaming) and reads the response head; interim (1xx)
-    /// responses are skipped. A response that comes before the request is all written ends the
-    /// writing, and the connection is not reused after it.
-    pub async fn send<B>(mut self, method: &Method, request: &mut Outgoing<B>) -> Result<Exchange<S>, H1Error>
+    /// Writes `request` (its body streaming) and reads the response head, which must have come
+    /// by `deadline`; interim (1xx) responses are skipped. A response that comes before the
+    /// request is all written ends the writing, and the connection is not reused after it.
+    pub async fn send<B>(
+        mut self,
+        method: &Method,
+        request: &mut Outgoing<B>,
+        deadline: Instant,
+    ) -> Result<Exchange<S>, H1Error>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
+        self.head_deadline.as_mut().reset(deadline);
         let mut write_failed = None;
         let head = poll_fn(|cx| {
             if !request.finished && write_failed.is_none() {
@@ -566,7 +581,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     Some(head) => return Poll::Ready(Ok(head)),
                     None => {}
                 }
-                if ready!(self.poll_read(cx))? == 0 {
+                let read = match self.poll_read(cx) {
+                    Poll::Ready(read) => read?,
+                    Poll::Pending => {
+                        ready!(self.head_deadline.as_mut().poll(cx));
+                        return Poll::Ready(Err(H1Error::HeadTimeout));
+                    }
+                };
+                if read == 0 {
                     return Poll::Ready(Err(write_failed.take().unwrap_or(H1Error::ClosedBeforeResponse)));
                 }
             }
@@ -889,6 +911,11 @@ mod tests {
         }
     }
 
+    /// A deadline no test reaches.
+    fn later() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(3600)
+    }
+
     /// A connection over an in-memory pipe, and the upstream's end of it.
     fn pipe() -> (Connection<DuplexStream>, DuplexStream) {
         let (client, upstream) = duplex(1 << 20);
@@ -902,7 +929,7 @@ mod tests {
         let mut request =
             Outgoing::<TestBody>::new(&Method::GET, "/", &HeaderMap::new(), RequestBody::Full(Bytes::new()));
         upstream.write_all(answer).await.unwrap();
-        (connection.send(&Method::GET, &mut request).await.unwrap(), upstream)
+        (connection.send(&Method::GET, &mut request, later()).await.unwrap(), upstream)
     }
 
     async fn read_request(upstream: &mut DuplexStream, until: &[u8]) -> Vec<u8> {
@@ -924,7 +951,7 @@ mod tests {
             .write_all(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nOk.\n")
             .await
             .unwrap();
-        let Exchange { head, mut body } = connection.send(&Method::GET, &mut request).await.unwrap();
+        let Exchange { head, mut body } = connection.send(&Method::GET, &mut request, later()).await.unwrap();
         assert_eq!(read_request(&mut upstream, b"\r\n\r\n").await, b"GET /ping HTTP/1.1\r\n\r\n");
         assert_eq!(head.status, 200);
         assert!(body.take_reusable().is_none(), "not before the body is read");
@@ -978,7 +1005,7 @@ mod tests {
         let mut request = Outgoing::new(&Method::POST, "/", &HeaderMap::new(), RequestBody::Stream(stream));
         sender.send(Ok(Frame::data(Bytes::from_static(b"INSERT ")))).await.unwrap();
         let exchange = tokio::spawn(async move {
-            let result = connection.send(&Method::POST, &mut request).await;
+            let result = connection.send(&Method::POST, &mut request, later()).await;
             (result.map(|e| e.body.take_reusable_after_end()), request.untouched())
         });
         let head = read_request(&mut upstream, b"\r\n\r\n").await;
@@ -998,8 +1025,25 @@ mod tests {
         drop(upstream);
         let mut request =
             Outgoing::<TestBody>::new(&Method::GET, "/", &HeaderMap::new(), RequestBody::Full(Bytes::new()));
-        assert!(connection.send(&Method::GET, &mut request).await.is_err());
+        assert!(connection.send(&Method::GET, &mut request, later()).await.is_err());
         assert!(request.untouched());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_does_not_come_by_the_deadline_is_a_timeout_each_request_its_own() {
+        let (connection, mut upstream) = pipe();
+        let get = || Outgoing::<TestBody>::new(&Method::GET, "/", &HeaderMap::new(), RequestBody::Full(Bytes::new()));
+        upstream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+        let soon = Instant::now() + std::time::Duration::from_secs(5);
+        let Exchange { mut body, .. } = connection.send(&Method::GET, &mut get(), soon).await.unwrap();
+        let connection = body.take_reusable().expect("an empty answer leaves it reusable");
+        // The first request's deadline has passed; the second has a deadline of its own.
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        let started = Instant::now();
+        let deadline = started + std::time::Duration::from_secs(30);
+        let result = connection.send(&Method::GET, &mut get(), deadline).await;
+        assert!(matches!(result, Err(H1Error::HeadTimeout)), "no answer came");
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(30));
     }
 
     /// A stream of the frames sent on `receiver`.
