@@ -41,6 +41,7 @@ ch_connections=${BENCH_CH_CONNECTIONS:-1 16 64}
 events=${BENCH_EVENTS:-1000000}
 sections=${BENCH_SECTIONS:-static clickhouse}
 rounds=${BENCH_ROUNDS:-1}
+[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive number, not '$rounds'"
 
 fresh_work load
 results="$work/results.tsv"

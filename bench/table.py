@@ -2,9 +2,10 @@
 percentiles, the latency each hop adds over direct at the same concurrency, and the CPU time the
 hop spent per request (for direct: the upstream's own).
 
-With several rounds (BENCH_ROUNDS) a cell's figures are medians over its rounds, the added latency
-is taken within each round (against direct of the same round) before the median, every round's
-added p50 is listed, and a last table sets preagg-proxy against nginx like for like."""
+With several rounds (BENCH_ROUNDS) a cell's figures are medians over its rounds (errors and
+rewritten answers: totals), the added latency is taken within each round (against direct of the
+same round) before the median, every round's added p50 is listed, and a last table sets
+preagg-proxy against nginx like for like, round by round."""
 
 import statistics
 import sys
@@ -60,7 +61,7 @@ def main(path):
         print(f"Figures are medians over {rounds} rounds; added latency is taken within each round.")
     print()
     titles = {"static": "Static upstream (nginx answering `1\\n`)", "clickhouse": "chdb-backed ClickHouse"}
-    added_p50 = {}  # (section, connections, hop) -> added p50 of each round
+    added_p50 = {}  # (section, connections, hop) -> {round: added p50}
     for (section, query), cells in sections.items():
         print(f"## {titles.get(section, section)}: {query}")
         print()
@@ -86,7 +87,7 @@ def main(path):
                 by_round = []
             else:
                 by_round = [v["p50_us"] - b["p50_us"] for v, b in zip(runs, bases)]
-                added_p50[(section, connections, hop)] = by_round
+                added_p50[(section, connections, hop)] = {v["round"]: d for v, d in zip(runs, by_round)}
                 extra = (signed(median(by_round)), signed(median([v["p99_us"] - b["p99_us"] for v, b in zip(runs, bases)])))
             rate_text = f"{rate:,.0f}" if rate >= 100 else f"{rate:.2f}"
             flag = " †" if any(v.get("busy_before", 0) > 10 for v in runs) else ""
@@ -116,12 +117,14 @@ def like_for_like(added_p50):
     for (section, connections, hop), proxy in sorted(added_p50.items(), key=lambda item: item[0][1]):
         for proxy_hop, nginx_hop in LIKE_FOR_LIKE:
             nginx = added_p50.get((section, connections, nginx_hop))
-            if hop != proxy_hop or nginx is None or len(nginx) != len(proxy):
+            if hop != proxy_hop or nginx is None:
                 continue
-            differences = [p - n for p, n in zip(proxy, nginx)]
+            rounds = sorted(set(proxy) & set(nginx))
+            differences = [proxy[r] - nginx[r] for r in rounds]
             within = sum(1 for d in differences if d <= 0)
-            print(f"| {connections} | {proxy_hop} | {nginx_hop} | {signed(median(proxy))} | {signed(median(nginx))} | "
-                  f"{signed(median(differences))} | {within} of {len(differences)} |")
+            print(f"| {connections} | {proxy_hop} | {nginx_hop} | {signed(median(list(proxy.values())))} | "
+                  f"{signed(median(list(nginx.values())))} | {signed(median(differences))} | "
+                  f"{within} of {len(differences)} |")
     print()
 
 

@@ -64,6 +64,13 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     for line in config.redacted_lines() {
         tracing::info!(target: "preagg_proxy::config", "{line}");
     }
+    let https = |endpoint: &crate::config::Endpoint| endpoint.uri.scheme_str() == Some("https");
+    if let Some(file) = config.tls.ca_file()
+        && !https(&config.upstream)
+        && !https(&config.clickhouse_url)
+    {
+        tracing::warn!(file = %file.display(), "tls_ca_file has no effect: neither upstream nor clickhouse_url is https://");
+    }
     let rules = load_rules(&config)?;
     for rule in &rules {
         tracing::info!(rule = %rule.name, version = rule.version, file = %rule.file.display(), "rule loaded");

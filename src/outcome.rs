@@ -81,11 +81,14 @@ pub enum Reason {
     Shadow,
 }
 
-/// The stable code of every reason and the `X-Preagg` value it gives, from one list: the values
-/// are constants, so a pass-through answer's header costs no formatting.
+/// Every reason, its stable code and the `X-Preagg` value it gives, from one list: the values are
+/// constants, so a pass-through answer's header costs no formatting.
 macro_rules! reason_codes {
     ($($reason:ident => $code:literal,)*) => {
         impl Reason {
+            /// Every reason, for metrics registration and documentation.
+            pub const ALL: &'static [Reason] = &[$(Reason::$reason,)*];
+
             /// The stable code.
             pub fn as_str(self) -> &'static str {
                 match self {
@@ -141,46 +144,6 @@ reason_codes! {
     DescribeFailed => "describe_failed",
     RewrittenQueryFailed => "rewritten_query_failed",
     Shadow => "shadow",
-}
-
-impl Reason {
-    /// Every reason, for metrics registration and documentation.
-    pub const ALL: &'static [Reason] = &[
-        Reason::NotQueryEndpoint,
-        Reason::Insert,
-        Reason::NotSelect,
-        Reason::ExternalData,
-        Reason::ModeOff,
-        Reason::NotExperimentQuery,
-        Reason::TokenizeError,
-        Reason::ParseBudgetExceeded,
-        Reason::BodyParseError,
-        Reason::NoCandidate,
-        Reason::OtherSourceTable,
-        Reason::NotPlainSelect,
-        Reason::UnsupportedClause,
-        Reason::UnsupportedGroupBy,
-        Reason::UnknownAggregate,
-        Reason::MissingPredicate,
-        Reason::MissingBound,
-        Reason::AmbiguousBound,
-        Reason::NonLiteralBound,
-        Reason::UnparsedBoundLiteral,
-        Reason::UnsupportedTimeExpression,
-        Reason::QueryParameters,
-        Reason::NonDeterministic,
-        Reason::AmbiguousColumn,
-        Reason::Unlocatable,
-        Reason::EmptyRange,
-        Reason::SplitQuery,
-        Reason::NoWindowsReady,
-        Reason::Building,
-        Reason::StoreUnavailable,
-        Reason::BuildFailed,
-        Reason::DescribeFailed,
-        Reason::RewrittenQueryFailed,
-        Reason::Shadow,
-    ];
 }
 
 impl fmt::Display for Reason {

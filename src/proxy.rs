@@ -32,10 +32,10 @@ use crate::outcome::{Outcome, Reason};
 use crate::preagg::{Decision, Deferred, Engine, QueryContext};
 use crate::shadow::{Shadow, ShadowRequest};
 
-/// Paths ClickHouse serves with static handlers; every other path runs queries.
 /// The response header that tells what the proxy did (see [`Outcome`]).
 static X_PREAGG: HeaderName = HeaderName::from_static("x-preagg");
 
+/// Paths ClickHouse serves with static handlers; every other path runs queries.
 const STATIC_PATHS: &[&str] = &["/ping", "/replicas_status", "/play", "/dashboard", "/binary", "/merges"];
 
 /// The engine, once the job store is connected (queries pass through until then).

@@ -1,6 +1,7 @@
 //! ClickHouse over HTTPS with a certificate of a private authority, as inside most companies:
 //! trusted with `tls_ca_file` for forwarded queries and for the proxy's own statements (tables,
-//! builds), refused without it.
+//! builds); refused without it, and refused under a name the certificate does not carry (both
+//! checked on forwarded queries).
 
 mod common;
 
@@ -75,6 +76,14 @@ async fn an_https_clickhouse_of_a_private_authority_is_trusted_with_tls_ca_file_
     assert!(body.to_lowercase().contains("certificate"), "the error names the certificate: {body}");
 
     let authority = pki.authority.to_str().unwrap();
+    // The certificate names `localhost`, not the address: the name is checked too.
+    let by_address = format!("https://127.0.0.1:{}", server.port);
+    let misnamed = ProxyProcess::start(&by_address, &[("mode", "off"), ("tls_ca_file", authority)]);
+    let response = client().post(misnamed.url()).body("SELECT 1").send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    let body = response.text().await.unwrap();
+    assert!(body.to_lowercase().contains("not valid for name"), "the error names the mismatch: {body}");
+
     let plain = ProxyProcess::start(&https, &[("mode", "off"), ("tls_ca_file", authority)]);
     let proxy = ProxyProcess::start(&https, &[("tls_ca_file", authority)]);
     proxy.wait_engine_ready();

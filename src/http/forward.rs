@@ -324,7 +324,8 @@ impl Upstream {
 
     /// Sends `request` on a pooled connection, or on a new one when none is idle or the pooled
     /// one failed before any of the request was written (the upstream closed it while idle). The
-    /// response head must come by `deadline` (opening a connection has `connect_timeout`).
+    /// response head must come by `deadline`, a new connection included (DNS, TCP within
+    /// `connect_timeout`, TLS); a deadline that passed while connecting sends nothing.
     async fn exchange(
         &self,
         method: &Method,
@@ -334,7 +335,10 @@ impl Upstream {
         loop {
             let (connection, reused) = match self.pool.checkout() {
                 Some(connection) => (connection, true),
-                None => (self.connect().await?, false),
+                None => match tokio::time::timeout_at(deadline, self.connect()).await {
+                    Ok(connection) if tokio::time::Instant::now() < deadline => (connection?, false),
+                    _ => return Err(self.timed_out()),
+                },
             };
             match connection.send(method, &mut request, deadline).await {
                 Ok(h1::Exchange { head, body }) => {
@@ -347,9 +351,7 @@ impl Upstream {
                     }
                     return Ok(response);
                 }
-                Err(h1::H1Error::HeadTimeout) => {
-                    return Err(UpstreamError::Timeout { endpoint: self.endpoint.redacted(), timeout: self.timeout });
-                }
+                Err(h1::H1Error::HeadTimeout) => return Err(self.timed_out()),
                 Err(_) if reused && request.untouched() => {}
                 Err(error) => return Err(self.failed(&error)),
             }
@@ -366,6 +368,10 @@ impl Upstream {
                 message: error_chain(error.as_ref()),
             }),
         }
+    }
+
+    fn timed_out(&self) -> UpstreamError {
+        UpstreamError::Timeout { endpoint: self.endpoint.redacted(), timeout: self.timeout }
     }
 
     fn failed(&self, error: &dyn std::error::Error) -> UpstreamError {
@@ -474,6 +480,26 @@ mod tests {
     async fn text(response: Response<UpstreamBody>) -> String {
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_ends_is_bounded_by_the_upstream_timeout() {
+        // Accepts TCP, then says nothing: the handshake waits for a server hello forever.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut streams = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                streams.push(stream);
+            }
+        });
+        let endpoint = Endpoint { uri: format!("https://{address}").parse().unwrap() };
+        let timeout = Duration::from_millis(300);
+        let up = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(5), timeout);
+        let send = up.send(Method::GET, "/", HeaderMap::new(), h1::RequestBody::Full(Bytes::new()));
+        let result = tokio::time::timeout(Duration::from_secs(3), send).await.expect("the handshake hung");
+        assert!(matches!(result, Err(UpstreamError::Timeout { .. })), "a 504");
+        held.abort();
     }
 
     #[tokio::test]

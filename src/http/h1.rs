@@ -521,17 +521,20 @@ pub struct Connection<S> {
     io: Box<S>,
     buffer: BytesMut,
     read_size: usize,
-    /// The deadline of the response head. One timer for the connection's life, moved later for
-    /// each request: tokio then only extends the entry it has (an atomic update), where a timer
-    /// per request was put into and taken out of the timer wheel under its lock every time.
-    head_deadline: Pin<Box<Sleep>>,
+    /// The deadline of the response head: one timer for the connection's life, created by its
+    /// first request and moved later by each next one. While the old deadline has not passed,
+    /// tokio only extends the entry it has (an atomic update), where a timer per request was put
+    /// into and taken out of the timer wheel under its lock every time; once it has passed (a
+    /// connection idle longer than the timeout) the move re-registers it. Between requests the
+    /// timer keeps the waker of the last task that waited for a head, and wakes it once, for
+    /// nothing, if the old deadline passes first.
+    head_deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    /// A connection over an open stream (inside a tokio runtime, whose timer it uses).
+    /// A connection over an open stream.
     pub fn new(io: S) -> Connection<S> {
-        let head_deadline = Box::pin(tokio::time::sleep_until(Instant::now()));
-        Connection { io: Box::new(io), buffer: BytesMut::new(), read_size: FIRST_READ, head_deadline }
+        Connection { io: Box::new(io), buffer: BytesMut::new(), read_size: FIRST_READ, head_deadline: None }
     }
 
     /// Whether an idle connection can still carry a request: nothing unread, not closed by the
@@ -559,7 +562,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        self.head_deadline.as_mut().reset(deadline);
+        let mut head_deadline = match self.head_deadline.take() {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
         let mut write_failed = None;
         let head = poll_fn(|cx| {
             if !request.finished && write_failed.is_none() {
@@ -584,7 +593,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let read = match self.poll_read(cx) {
                     Poll::Ready(read) => read?,
                     Poll::Pending => {
-                        ready!(self.head_deadline.as_mut().poll(cx));
+                        ready!(head_deadline.as_mut().poll(cx));
                         return Poll::Ready(Err(H1Error::HeadTimeout));
                     }
                 };
@@ -594,6 +603,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         })
         .await?;
+        self.head_deadline = Some(head_deadline);
         let reusable = head.keep_alive && request.finished;
         let decoder = match head.framing {
             Framing::Empty | Framing::Length(0) => BodyDecoder::Done,
@@ -1037,8 +1047,25 @@ mod tests {
         let soon = Instant::now() + std::time::Duration::from_secs(5);
         let Exchange { mut body, .. } = connection.send(&Method::GET, &mut get(), soon).await.unwrap();
         let connection = body.take_reusable().expect("an empty answer leaves it reusable");
-        // The first request's deadline has passed; the second has a deadline of its own.
-        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        // The next request comes before the first one's deadline (the timer is moved later),
+        // and its head does not come at the first deadline but at its own.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        upstream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let answer = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+            upstream.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.unwrap();
+            upstream
+        });
+        let Exchange { head, mut body } = connection.send(&Method::GET, &mut get(), deadline).await.unwrap();
+        assert_eq!(head.status, 200, "the answer that was waiting");
+        let connection = body.take_reusable().unwrap();
+        let Exchange { head, mut body } = connection.send(&Method::GET, &mut get(), deadline).await.unwrap();
+        assert_eq!(head.status, 204, "came 20 s later, past the first deadline, before its own");
+        let connection = body.take_reusable().unwrap();
+        let _upstream = answer.await.unwrap();
+        // Past every deadline so far (the timer has fired): a new deadline still holds.
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
         let started = Instant::now();
         let deadline = started + std::time::Duration::from_secs(30);
         let result = connection.send(&Method::GET, &mut get(), deadline).await;

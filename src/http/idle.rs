@@ -56,7 +56,9 @@ impl Activity {
 
 /// A future polled only on its first poll and after its own waker fired: `inner` waits for
 /// something rare (the idle watch's timer) next to a connection that wakes the task several
-/// times per request, and would otherwise be polled on each of those wakes.
+/// times per request, and would otherwise be polled on each of those wakes. Only for futures
+/// that can make progress only after waking the waker they were given (timers, channels), not
+/// for ones that look at shared state on every poll.
 pub struct PolledWhenWoken<F> {
     inner: Pin<Box<F>>,
     signal: Arc<WakeSignal>,

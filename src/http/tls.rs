@@ -1,7 +1,10 @@
 //! TLS to ClickHouse: which certificates an `https://` endpoint (the upstream, `clickhouse_url`)
 //! must chain to. By default the web's root authorities (Mozilla's list, built in); with
-//! `tls_ca_file`, the authorities of that PEM file instead, as `curl --cacert` does: ClickHouse
-//! servers inside a company usually carry certificates of the company's own authority.
+//! `tls_ca_file`, the authorities of that PEM file instead: ClickHouse servers inside a company
+//! usually carry certificates of the company's own authority. The file must hold the authority
+//! that issued the server's certificate; a self-signed server certificate marked as an authority
+//! (`openssl req -x509` makes those) is refused as its own end entity by webpki, where
+//! `curl --cacert` accepts it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -29,7 +32,7 @@ pub enum TlsError {
         /// The file.
         path: PathBuf,
     },
-    /// A certificate is not one an authority can be made of.
+    /// A certificate in the file does not parse.
     #[error("{path}: certificate {index}: {message}")]
     BadCertificate {
         /// The file.
@@ -85,6 +88,14 @@ impl ClientTls {
         Ok(ClientTls::with_roots(roots, authorities))
     }
 
+    /// The file the authorities come from, when they do not come from the web's roots.
+    pub fn ca_file(&self) -> Option<&Path> {
+        match &self.authorities {
+            Authorities::WebRoots => None,
+            Authorities::File { path, .. } => Some(path),
+        }
+    }
+
     fn with_roots(roots: rustls::RootCertStore, authorities: Authorities) -> ClientTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -96,7 +107,7 @@ impl ClientTls {
     }
 
     /// A connector that speaks TLS to `https://` endpoints (plain TCP to `http://` ones) over
-    /// `tcp`, offering HTTP/1.1.
+    /// `tcp`, for HTTP/1.1 (no ALPN is offered).
     pub fn connector(&self, tcp: HttpConnector) -> HttpsConnector<HttpConnector> {
         HttpsConnectorBuilder::new()
             .with_tls_config(rustls::ClientConfig::clone(&self.config))
@@ -117,7 +128,8 @@ impl fmt::Display for ClientTls {
         match &self.authorities {
             Authorities::WebRoots => f.write_str("web roots"),
             Authorities::File { path, certificates } => {
-                write!(f, "{} ({certificates} certificates)", path.display())
+                let plural = if *certificates == 1 { "" } else { "s" };
+                write!(f, "{} ({certificates} certificate{plural})", path.display())
             }
         }
     }

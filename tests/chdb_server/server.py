@@ -463,7 +463,9 @@ class DisconnectWatcher:
             if not readable:
                 continue
             try:
-                # socket.socket's own recv: on a TLS connection it peeks at the raw bytes.
+                # socket.socket's own recv: on a TLS connection it peeks at the raw bytes, so a
+                # client that sends close_notify before closing counts as sending data (tokio-rustls
+                # does not send one when dropped).
                 gone = socket.socket.recv(sock, 1, socket.MSG_PEEK) == b""
             except OSError:
                 gone = True
