@@ -275,12 +275,7 @@ pub type UpstreamRequestBody = h1::RequestBody<ProxyBody>;
 impl Upstream {
     /// A client for `endpoint` with keep-alive pooling, over TLS with `tls` for `https://`.
     pub fn new(endpoint: Endpoint, tls: &ClientTls, connect_timeout: Duration, timeout: Duration) -> Upstream {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        http.enforce_http(false);
-        let connector = tls.connector(http);
+        let connector = tls.connector(connect_timeout);
         let host = host_header(&endpoint.uri);
         Upstream { connector, pool: Pool::new(MAX_IDLE), endpoint, host, timeout }
     }

@@ -8,11 +8,10 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 
 /// Requests of one client connection, as the idle watch sees them.
@@ -51,58 +50,6 @@ impl Activity {
                 return;
             }
         }
-    }
-}
-
-/// A future polled only on its first poll and after its own waker fired: `inner` waits for
-/// something rare (the idle watch's timer) next to a connection that wakes the task several
-/// times per request, and would otherwise be polled on each of those wakes. Only for futures
-/// that can make progress only after waking the waker they were given (timers, channels), not
-/// for ones that look at shared state on every poll.
-pub struct PolledWhenWoken<F> {
-    inner: Pin<Box<F>>,
-    signal: Arc<WakeSignal>,
-    waker: Waker,
-}
-
-/// Whether `inner` was woken since its last poll, and the task to wake.
-#[derive(Default)]
-struct WakeSignal {
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for WakeSignal {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
-}
-
-impl<F: Future> PolledWhenWoken<F> {
-    /// Wraps `inner`.
-    pub fn new(inner: F) -> PolledWhenWoken<F> {
-        let signal = Arc::new(WakeSignal { woken: AtomicBool::new(true), task: AtomicWaker::new() });
-        let waker = Waker::from(Arc::clone(&signal));
-        PolledWhenWoken { inner: Box::pin(inner), signal, waker }
-    }
-}
-
-impl<F: Future> Future for PolledWhenWoken<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.get_mut();
-        // Registered before the flag is read: a wake in between is not lost.
-        this.signal.task.register(cx.waker());
-        if !this.signal.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        this.inner.as_mut().poll(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -160,49 +107,6 @@ mod tests {
     /// What the idle watch promises: closed after at least one timeout, at most one and a half.
     fn assert_idle_span(idle: Duration) {
         assert!(idle >= TIMEOUT && idle <= TIMEOUT * 3 / 2, "closed after {idle:?}");
-    }
-
-    /// A future that counts its polls and is ready once `ready` is set (waking its last waker).
-    struct Probe {
-        polls: Arc<AtomicUsize>,
-        ready: Arc<AtomicBool>,
-        waker: Arc<std::sync::Mutex<Option<Waker>>>,
-    }
-
-    impl Future for Probe {
-        type Output = ();
-
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-            self.polls.fetch_add(1, Ordering::SeqCst);
-            if self.ready.load(Ordering::SeqCst) {
-                return Poll::Ready(());
-            }
-            *self.waker.lock().unwrap() = Some(cx.waker().clone());
-            Poll::Pending
-        }
-    }
-
-    #[test]
-    fn a_future_polled_when_woken_is_polled_first_and_then_only_after_its_own_wake() {
-        let polls = Arc::new(AtomicUsize::new(0));
-        let ready = Arc::new(AtomicBool::new(false));
-        let waker = Arc::new(std::sync::Mutex::new(None::<Waker>));
-        let probe = Probe { polls: Arc::clone(&polls), ready: Arc::clone(&ready), waker: Arc::clone(&waker) };
-        let mut future = std::pin::pin!(PolledWhenWoken::new(probe));
-        let task = Arc::new(WakeSignal::default());
-        let task_waker = Waker::from(Arc::clone(&task));
-        let mut cx = Context::from_waker(&task_waker);
-        assert!(future.as_mut().poll(&mut cx).is_pending());
-        assert_eq!(polls.load(Ordering::SeqCst), 1, "the first poll reaches the inner future");
-        for _ in 0..5 {
-            assert!(future.as_mut().poll(&mut cx).is_pending());
-        }
-        assert_eq!(polls.load(Ordering::SeqCst), 1, "wakes of the task for other reasons do not");
-        ready.store(true, Ordering::SeqCst);
-        waker.lock().unwrap().take().unwrap().wake();
-        assert!(task.woken.load(Ordering::SeqCst), "the inner future's wake wakes the task");
-        assert!(future.as_mut().poll(&mut cx).is_ready());
-        assert_eq!(polls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]

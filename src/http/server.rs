@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -23,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::idle::{Activity, InFlightBody, PolledWhenWoken};
+use super::idle::{Activity, InFlightBody};
 use super::{log_lines, preface};
 
 /// How long a client may take to send its first request head; a keep-alive connection without a
@@ -91,13 +92,16 @@ where
         .keep_alive(true)
         .header_read_timeout(None)
         .serve_connection(TokioIo::new(stream), service);
+    // The watch's timer fires twice a timeout; the connection wakes this task a few times per
+    // request. In a `FuturesUnordered` the watch is polled only when its own timer woke it.
+    let mut idle: FuturesUnordered<_> = [activity.idle_for(HEADER_READ_TIMEOUT)].into_iter().collect();
     tokio::select! {
         served = watcher.watch(connection) => {
             if let Err(error) = served {
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
         }
-        () = PolledWhenWoken::new(activity.idle_for(HEADER_READ_TIMEOUT)) => tracing::debug!(%peer, "idle connection closed"),
+        Some(()) = idle.next() => tracing::debug!(%peer, "idle connection closed"),
     }
 }
 

@@ -9,11 +9,15 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+
+/// TCP keep-alive probes on connections to ClickHouse.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// Why the trusted authorities could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -60,12 +64,6 @@ enum Authorities {
 }
 
 impl ClientTls {
-    /// Trusts the web's root authorities.
-    pub fn web_roots() -> ClientTls {
-        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-        ClientTls::with_roots(roots, Authorities::WebRoots)
-    }
-
     /// Trusts the certificates of the PEM file `path` (and no others).
     pub fn from_ca_file(path: &Path) -> Result<ClientTls, TlsError> {
         let unreadable = |message: String| TlsError::Unreadable { path: path.to_path_buf(), message };
@@ -106,9 +104,15 @@ impl ClientTls {
         ClientTls { config: Arc::new(config), authorities }
     }
 
-    /// A connector that speaks TLS to `https://` endpoints (plain TCP to `http://` ones) over
-    /// `tcp`, for HTTP/1.1 (no ALPN is offered).
-    pub fn connector(&self, tcp: HttpConnector) -> HttpsConnector<HttpConnector> {
+    /// How the proxy connects to ClickHouse: TCP (no Nagle delay, keep-alive probes, connecting
+    /// within `connect_timeout`), then TLS for `https://` endpoints, for HTTP/1.1 (no ALPN is
+    /// offered).
+    pub fn connector(&self, connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(connect_timeout));
+        tcp.set_nodelay(true);
+        tcp.set_keepalive(Some(TCP_KEEPALIVE));
+        tcp.enforce_http(false);
         HttpsConnectorBuilder::new()
             .with_tls_config(rustls::ClientConfig::clone(&self.config))
             .https_or_http()
@@ -118,8 +122,10 @@ impl ClientTls {
 }
 
 impl Default for ClientTls {
+    /// Trusts the web's root authorities.
     fn default() -> ClientTls {
-        ClientTls::web_roots()
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        ClientTls::with_roots(roots, Authorities::WebRoots)
     }
 }
 

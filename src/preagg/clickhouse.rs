@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::config::Config;
@@ -98,9 +97,6 @@ pub struct StatementContext {
     pub settings: BTreeMap<String, String>,
 }
 
-/// TCP keep-alive probes on the connections of the proxy's own statements.
-const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-
 /// How long an idle connection of the proxy's own statements is kept: less than ClickHouse's
 /// `keep_alive_timeout` (3 s before 23.11, 10 s since), so that the server never closes one
 /// first.
@@ -117,14 +113,9 @@ pub struct ClickHouse {
 impl ClickHouse {
     /// A client with the proxy's credentials from the configuration.
     pub fn new(config: &Config) -> ClickHouse {
-        let mut tcp = HttpConnector::new();
-        tcp.set_connect_timeout(Some(config.connect_timeout));
-        tcp.set_nodelay(true);
-        tcp.set_keepalive(Some(TCP_KEEPALIVE));
-        tcp.enforce_http(false);
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(config.tls.connector(tcp));
+            .build(config.tls.connector(config.connect_timeout));
         let mut client = clickhouse::Client::with_http_client(http)
             .with_url(config.clickhouse_url.base_url())
             .with_user(&config.clickhouse_user)
