@@ -20,12 +20,12 @@ use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::config::{Config, Mode};
 use crate::http::access::{AccessRecord, LoggedBody, RequestLog};
 use crate::http::forward::{self, ProxyBody, Upstream, UpstreamRequestBody, error_response};
 use crate::http::h1::RequestBody;
+use crate::http::h1_server::{ClientBody, ClientBodyError};
 use crate::http::request::{self, QueryText, StatementKind, TextPart, UrlParams};
 use crate::metrics as m;
 use crate::outcome::{Outcome, Reason};
@@ -56,15 +56,15 @@ enum ReadBody {
     /// The whole body, within the cap.
     Complete(Bytes),
     /// The cap was passed: what was read, and the rest still arriving.
-    Overflow { prefix: Vec<Bytes>, rest: Incoming },
+    Overflow { prefix: Vec<Bytes>, rest: ClientBody },
 }
 
 /// How the request will be forwarded.
 enum Forward {
     /// The original request, body streaming through.
-    Stream(Incoming),
+    Stream(ClientBody),
     /// The original request with a body already read (prefix + rest, or whole).
-    Prefixed(Vec<Bytes>, Incoming),
+    Prefixed(Vec<Bytes>, ClientBody),
     /// The original request with its complete body.
     Original(Bytes),
 }
@@ -104,7 +104,11 @@ impl Proxy {
     }
 
     /// Handles one request from a client.
-    pub async fn handle(self: Arc<Self>, request: http::Request<Incoming>, _peer: SocketAddr) -> Response<LoggedBody> {
+    pub async fn handle(
+        self: Arc<Self>,
+        request: http::Request<ClientBody>,
+        _peer: SocketAddr,
+    ) -> Response<LoggedBody> {
         let (parts, body) = request.into_parts();
         // Logged and counted even if the client hangs up before the response exists.
         let mut log = RequestLog::start(parts.method.clone(), parts.uri.clone());
@@ -123,7 +127,7 @@ impl Proxy {
     async fn route(
         &self,
         parts: Parts,
-        body: Incoming,
+        body: ClientBody,
         record: &mut AccessRecord,
         deferred: &mut Deferred,
     ) -> (Response<ProxyBody>, Outcome) {
@@ -319,7 +323,7 @@ async fn error_text(response: Response<ProxyBody>) -> String {
 }
 
 /// Reads the body whole if it fits under `cap`.
-async fn read_body(mut body: Incoming, cap: usize) -> Result<ReadBody, hyper::Error> {
+async fn read_body(mut body: ClientBody, cap: usize) -> Result<ReadBody, ClientBodyError> {
     let mut chunks = Vec::new();
     let mut total = 0usize;
     while let Some(frame) = body.frame().await {

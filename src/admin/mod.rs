@@ -13,13 +13,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 
 use crate::config::{Config, Secret};
 use crate::http::forward::{self, ProxyBody, Upstream};
 use crate::http::h1::RequestBody;
+use crate::http::h1_server::ClientBody;
 use crate::http::request::UrlParams;
 use crate::preagg::store::{Job, JobFilter, MismatchSample};
 use crate::preagg::{Engine, QueryContext, now_micros};
@@ -123,7 +123,7 @@ impl Admin {
     }
 
     /// Handles one admin request.
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(self: Arc<Self>, request: Request<ClientBody>) -> Response<ProxyBody> {
         let path = request.uri().path().to_string();
         let method = request.method().clone();
         match (method.clone(), path.as_str()) {
@@ -180,7 +180,7 @@ impl Admin {
 
     /// Whether the request carries the token (always, when none is configured). `page` also
     /// accepts it as the `token` URL parameter.
-    fn authorized(&self, request: &Request<Incoming>, page: bool) -> bool {
+    fn authorized(&self, request: &Request<ClientBody>, page: bool) -> bool {
         let Some(token) = self.token.expose() else { return true };
         let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
         let param = page.then(|| UrlParams::from_uri(request.uri()).get("token")).flatten();
@@ -251,7 +251,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_body(request: Request<Incoming>) -> Result<Bytes, Response<ProxyBody>> {
+async fn read_body(request: Request<ClientBody>) -> Result<Bytes, Response<ProxyBody>> {
     Limited::new(request.into_body(), MAX_ADMIN_BODY)
         .collect()
         .await

@@ -9,7 +9,7 @@ use futures_util::{StreamExt, stream};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::BoxBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
@@ -41,7 +41,11 @@ where
 }
 
 /// Chunks already read, followed by the rest of a body still arriving.
-pub fn prefixed(prefix: Vec<Bytes>, rest: Incoming) -> ProxyBody {
+pub fn prefixed<B>(prefix: Vec<Bytes>, rest: B) -> ProxyBody
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     let head = stream::iter(prefix.into_iter().map(|b| Ok::<_, BoxError>(Frame::data(b))));
     let tail = BodyStream::new(rest).map(|frame| frame.map_err(|e| Box::new(e) as BoxError));
     BoxBody::new(StreamBody::new(head.chain(tail)))
@@ -454,7 +458,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, SeqCst);
-                let service = hyper::service::service_fn(|request: http::Request<Incoming>| async move {
+                let service = hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
                     let host = request.headers().get(header::HOST).cloned();
                     let text = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("").to_string();
                     Ok::<_, std::convert::Infallible>(Response::new(full(text)))

@@ -4,9 +4,9 @@
 pub mod access;
 pub mod forward;
 pub mod h1;
+pub mod h1_server;
 pub mod idle;
 pub mod log_lines;
-pub mod preface;
 pub mod request;
 pub mod server;
 pub mod tls;

@@ -6,7 +6,6 @@
 //! A request, its upstream connection and both body streams then stay on one thread, so passing
 //! bytes along never wakes another thread; only a new connection crosses threads, once.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,17 +14,14 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use super::h1_server::{self, ClientBody};
 use super::idle::{Activity, InFlightBody};
-use super::{log_lines, preface};
+use super::log_lines;
 
 /// How long a client may take to send its first request head; a keep-alive connection without a
 /// request in flight for this long (up to half as long again) is closed.
@@ -35,18 +31,18 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// drains for up to `grace`.
 pub async fn serve<H, F, B>(listener: TcpListener, handler: H, shutdown: CancellationToken, grace: Duration)
 where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<ClientBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: std::fmt::Display + Send,
 {
-    let graceful = GracefulShutdown::new();
+    let connections = Connections::default();
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     while let Some((stream, peer)) = accept(&listener, &local, &shutdown).await {
-        tokio::spawn(serve_connection(stream, peer, handler.clone(), graceful.watcher()));
+        connections.spawn(serve_connection(stream, peer, handler.clone(), connections.closing.clone()));
     }
     drop(listener);
-    drain(graceful, &local, grace).await;
+    connections.drain(&local, grace).await;
 }
 
 /// The next connection, or `None` once `shutdown` is cancelled.
@@ -70,47 +66,57 @@ async fn accept(listener: &TcpListener, local: &str, shutdown: &CancellationToke
     }
 }
 
-/// Serves one client connection until it closes (or is closed by a graceful shutdown).
-async fn serve_connection<H, F, B>(stream: TcpStream, peer: SocketAddr, handler: H, watcher: Watcher)
+/// Serves one client connection until it closes (or is closed by `closing`).
+async fn serve_connection<H, F, B>(stream: TcpStream, peer: SocketAddr, handler: H, closing: CancellationToken)
 where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<ClientBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: std::fmt::Display + Send,
 {
-    // The first request head is checked here, so garbage gets a ClickHouse-style answer.
-    let Some(stream) = preface::first_head(stream, HEADER_READ_TIMEOUT).await else { return };
-    // Later heads are timed by the idle watch, not by hyper's per-request timer.
+    // The first head is timed by the connection; later ones by the idle watch.
     let activity = Arc::new(Activity::default());
     let requests = Arc::clone(&activity);
-    let service = service_fn(move |request| {
-        let handler = handler.clone();
+    // The handler's future (large: the whole request path) is made inside the returned one, on
+    // its first poll, where it stays: returned from here, it would be copied on every move.
+    let counted = move |request, peer| {
         let in_flight = requests.begin();
-        async move { Ok::<_, Infallible>(handler(request, peer).await.map(|body| InFlightBody::new(body, in_flight))) }
-    });
-    let connection = http1::Builder::new()
-        .keep_alive(true)
-        .header_read_timeout(None)
-        .serve_connection(TokioIo::new(stream), service);
+        let handler = handler.clone();
+        async move { handler(request, peer).await.map(|body| InFlightBody::new(body, in_flight)) }
+    };
+    let connection = h1_server::serve_connection(stream, peer, counted, closing, HEADER_READ_TIMEOUT);
     // The watch's timer fires twice a timeout; the connection wakes this task a few times per
     // request. In a `FuturesUnordered` the watch is polled only when its own timer woke it.
     let mut idle: FuturesUnordered<_> = [activity.idle_for(HEADER_READ_TIMEOUT)].into_iter().collect();
     tokio::select! {
-        served = watcher.watch(connection) => {
-            if let Err(error) = served {
-                tracing::debug!(%error, %peer, "connection ended with an error");
-            }
-        }
+        () = connection => {}
         Some(()) = idle.next() => tracing::debug!(%peer, "idle connection closed"),
     }
 }
 
-/// Lets the in-flight requests of `serving` (a listener, a worker) finish, for up to `grace`.
-async fn drain(graceful: GracefulShutdown, serving: &str, grace: Duration) {
-    tracing::info!(%serving, grace = ?grace, "no new connections; draining in-flight requests");
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!(%serving, "all connections drained"),
-        () = tokio::time::sleep(grace) => tracing::warn!(%serving, "drain deadline passed; closing the rest"),
+/// The connections of a listener or a worker, and the signal that closes them.
+#[derive(Default)]
+struct Connections {
+    tracker: TaskTracker,
+    /// Cancelled when draining starts: idle connections close, busy ones after their response.
+    closing: CancellationToken,
+}
+
+impl Connections {
+    /// Runs `connection` on the current runtime, tracked.
+    fn spawn(&self, connection: impl Future<Output = ()> + Send + 'static) {
+        tokio::spawn(self.tracker.track_future(connection));
+    }
+
+    /// Lets the in-flight requests of `serving` (a listener, a worker) finish, for up to `grace`.
+    async fn drain(self, serving: &str, grace: Duration) {
+        tracing::info!(%serving, grace = ?grace, "no new connections; draining in-flight requests");
+        self.closing.cancel();
+        self.tracker.close();
+        tokio::select! {
+            () = self.tracker.wait() => tracing::info!(%serving, "all connections drained"),
+            () = tokio::time::sleep(grace) => tracing::warn!(%serving, "drain deadline passed; closing the rest"),
+        }
     }
 }
 
@@ -155,23 +161,23 @@ impl Worker {
         handler: H,
         drained: oneshot::Sender<()>,
     ) where
-        H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+        H: Fn(Request<ClientBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<B>> + Send + 'static,
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B::Error: std::fmt::Display + Send,
     {
         let log_flush = tokio::spawn(log_lines::flush_periodically());
-        let graceful = GracefulShutdown::new();
+        let served = Connections::default();
         while let Some((stream, peer)) = connections.recv().await {
             let counted = OpenConnection { open: Arc::clone(&self.open), worker: self.index };
             let Ok(stream) = TcpStream::from_std(stream) else { continue };
-            let connection = serve_connection(stream, peer, handler.clone(), graceful.watcher());
-            tokio::spawn(async move {
+            let connection = serve_connection(stream, peer, handler.clone(), served.closing.clone());
+            served.spawn(async move {
                 connection.await;
                 drop(counted);
             });
         }
-        drain(graceful, &format!("worker {}", self.index), self.grace).await;
+        served.drain(&format!("worker {}", self.index), self.grace).await;
         let _ = drained.send(());
         // Connections this runtime opened (pooled, shared with other workers) stay usable until
         // every worker has drained.
@@ -190,10 +196,10 @@ impl Workers {
         grace: Duration,
     ) -> std::io::Result<Workers>
     where
-        H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+        H: Fn(Request<ClientBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<B>> + Send + 'static,
         B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B::Error: std::fmt::Display + Send,
     {
         let open: Arc<[AtomicUsize]> = (0..count).map(|_| AtomicUsize::new(0)).collect();
         let mut workers = Workers {
@@ -308,7 +314,7 @@ mod tests {
     use super::*;
 
     /// A handler answering with the name of the thread that serves the request.
-    fn thread_name() -> impl Fn(Request<Incoming>, SocketAddr) -> std::future::Ready<Response<Full<bytes::Bytes>>>
+    fn thread_name() -> impl Fn(Request<ClientBody>, SocketAddr) -> std::future::Ready<Response<Full<bytes::Bytes>>>
     + Clone
     + Send
     + Sync
@@ -354,7 +360,8 @@ mod tests {
         let mut senders = Vec::new();
         for _ in 0..4 {
             let stream = TcpStream::connect(address).await.unwrap();
-            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
             tokio::spawn(connection);
             senders.push(sender);
         }

@@ -1,0 +1,1003 @@
+//! The client side of the wire: one HTTP/1.1 connection's requests, read, handed to a handler and
+//! answered, one at a time (pipelined requests wait in the read buffer).
+//!
+//! A request head is parsed by `httparse` straight into the `http` types; its body is read from
+//! the connection by whoever polls the [`ClientBody`] (by length or chunked). A head that is not
+//! HTTP gets a ClickHouse-style 400 with a text body saying what is wrong. The response head is
+//! written from the handler's `http::Response` in one buffer, with the body's first frames when
+//! they are ready, so a small answer leaves in one write. While the handler works and the request
+//! body has been read, the connection is watched: a client that hangs up cancels its request.
+//!
+//! Keep-alive follows RFC 9112 (HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
+//! `Connection: keep-alive`); a connection is closed after a response whose request body was not
+//! read to its end, after a body that failed, and when `shutdown` is cancelled (an idle connection
+//! at once, a busy one after its response, which then says `Connection: close`).
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::ext::ReasonPhrase;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::Sleep;
+use tokio_util::io::poll_read_buf;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::h1::{ChunkedDecoder, ConnectionOption, Decoded, H1Error, connection_options};
+
+/// Most headers a request head may have (as hyper).
+const MAX_HEADERS: usize = 100;
+
+/// Longest request head accepted: ClickHouse's own limit on a URI (`http_max_uri_size`), since
+/// a GET may carry its query text there.
+pub const MAX_HEAD_BYTES: usize = 1024 * 1024;
+
+/// Room made in the read buffer before a read.
+const READ_BYTES: usize = 16 * 1024;
+
+/// Response body data up to this size is copied behind the head (or the previous data) and
+/// written with it; larger pieces are written on their own.
+const INLINE_BYTES: usize = 16 * 1024;
+
+/// Buffered response bytes are written out once they reach this size.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+/// How long a closing connection goes on reading (and dropping) what the client still sends.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What can go wrong reading a request body.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    /// The connection failed.
+    #[error("cannot read the request body: {0}")]
+    Io(#[from] io::Error),
+    /// The client closed its side before the end of the body.
+    #[error("the client closed the connection before the end of the request body")]
+    Incomplete,
+    /// The chunked encoding is broken.
+    #[error("invalid chunked request body: {0}")]
+    Chunked(H1Error),
+    /// An earlier read failed; the body cannot go on.
+    #[error("the request body failed earlier")]
+    Failed,
+}
+
+/// How far a request body has been read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    /// This many bytes are still to come.
+    Length(u64),
+    /// A chunked body, as far as decoded.
+    Chunked(ChunkedDecoder),
+    /// Read to its end (or there was none): the next bytes are the next request.
+    Done,
+    /// Reading it failed; the connection cannot carry another request.
+    Failed,
+}
+
+/// The reading side of a connection, shared by the connection (heads, hang-up watch) and the
+/// body of the request in progress. Both run on the connection's task: the lock is uncontended.
+struct Reader {
+    io: OwnedReadHalf,
+    buffer: BytesMut,
+    body: BodyState,
+}
+
+impl Reader {
+    /// Reads more bytes into the buffer; `Ok(0)` when the client closed its side.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buffer.capacity() - self.buffer.len() < READ_BYTES / 4 {
+            self.buffer.reserve(READ_BYTES);
+        }
+        poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buffer)
+    }
+
+    /// The next piece of the request body.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        loop {
+            match &mut self.body {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Failed => return Poll::Ready(Some(Err(ClientBodyError::Failed))),
+                BodyState::Length(0) => {
+                    self.body = BodyState::Done;
+                    return Poll::Ready(None);
+                }
+                BodyState::Length(left) => {
+                    if !self.buffer.is_empty() {
+                        let take = usize::try_from(*left).unwrap_or(usize::MAX).min(self.buffer.len());
+                        *left -= take as u64;
+                        if *left == 0 {
+                            self.body = BodyState::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(self.buffer.split_to(take).freeze()))));
+                    }
+                }
+                BodyState::Chunked(decoder) => match decoder.decode(&mut self.buffer) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Trailers(trailers)) => {
+                        self.body = BodyState::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Decoded::End) => {
+                        self.body = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(error) => {
+                        self.body = BodyState::Failed;
+                        return Poll::Ready(Some(Err(ClientBodyError::Chunked(error))));
+                    }
+                },
+            }
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    self.body = BodyState::Failed;
+                    return Poll::Ready(Some(Err(ClientBodyError::Incomplete)));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.body = BodyState::Failed;
+                    return Poll::Ready(Some(Err(ClientBodyError::Io(error))));
+                }
+            }
+        }
+    }
+
+    /// Watches for the client hanging up while its request is handled: `Ready` once it has (or
+    /// the connection failed). Bytes of a pipelined request are kept for later, up to a head's
+    /// worth. Only once the body is read: until then, reading is the body's business.
+    fn poll_hang_up(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.body != BodyState::Done {
+            return Poll::Pending;
+        }
+        while self.buffer.len() < MAX_HEAD_BYTES {
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) => {}
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Locks the reader; a panic while it was held (there is no such code path) leaves bytes that
+/// are still consistent, so the guard is taken anyway.
+fn lock(reader: &Mutex<Reader>) -> MutexGuard<'_, Reader> {
+    reader.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The body of a client's request, read from its connection as it is polled.
+pub struct ClientBody {
+    /// `None` when the request has no body.
+    reader: Option<Arc<Mutex<Reader>>>,
+}
+
+impl ClientBody {
+    /// A body with nothing in it.
+    pub fn empty() -> ClientBody {
+        ClientBody { reader: None }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        match &self.reader {
+            None => Poll::Ready(None),
+            Some(reader) => lock(reader).poll_body(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.reader.as_ref().is_none_or(|reader| lock(reader).body == BodyState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.reader.as_ref().map(|reader| lock(reader).body) {
+            None | Some(BodyState::Done) => SizeHint::with_exact(0),
+            Some(BodyState::Length(left)) => SizeHint::with_exact(left),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// Why a request head was refused.
+#[derive(Debug, PartialEq, Eq)]
+enum HeadError {
+    /// Not HTTP, or HTTP this server does not take (answered 400).
+    Malformed(String),
+    /// Longer than [`MAX_HEAD_BYTES`], or more than [`MAX_HEADERS`] headers (answered 431).
+    TooLarge,
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+struct RequestHead {
+    request: Request<()>,
+    body: BodyState,
+    keep_alive: bool,
+    expects_continue: bool,
+}
+
+/// Parses a request head at the start of `buffer`, removing it from there; `None` while it is
+/// incomplete.
+fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let length = match parsed.parse_with_uninit_headers(buffer, &mut slots) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) if buffer.len() >= MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(error) => return Err(HeadError::Malformed(error.to_string())),
+    };
+    let malformed = |what: &str| HeadError::Malformed(what.to_string());
+    let method =
+        Method::from_bytes(parsed.method.unwrap_or_default().as_bytes()).map_err(|_| malformed("invalid method"))?;
+    let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    // Where the target and each header sit in the head, so that they can share its bytes.
+    let base = buffer.as_ptr() as usize;
+    let offset = |part: &[u8]| part.as_ptr() as usize - base;
+    let target = parsed.path.unwrap_or_default().as_bytes();
+    let target = (offset(target), target.len());
+    let mut spans = Vec::with_capacity(parsed.headers.len());
+    let mut keep_alive = version == Version::HTTP_11;
+    let (mut chunked, mut transfer_encoded, mut length_value, mut expects_continue) = (false, false, None, false);
+    for h in parsed.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"connection") {
+            for option in connection_options(h.value) {
+                match option {
+                    ConnectionOption::Close => keep_alive = false,
+                    ConnectionOption::KeepAlive => keep_alive = true,
+                    ConnectionOption::Header(_) => {}
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encoded = true;
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+            chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            for part in h.value.split(|b| *b == b',') {
+                let value = std::str::from_utf8(part.trim_ascii()).ok().and_then(|v| v.parse::<u64>().ok());
+                match (length_value, value) {
+                    (_, None) => return Err(malformed("invalid Content-Length")),
+                    (Some(seen), Some(value)) if seen != value => return Err(malformed("conflicting Content-Length")),
+                    (_, value) => length_value = value,
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            expects_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        spans.push((offset(name), name.len(), offset(h.value), h.value.len()));
+    }
+    // RFC 9112 section 6.3: a chunked body, or a length, or none; anything else could be read
+    // differently by the upstream (request smuggling), so it is refused.
+    let body = match (transfer_encoded, length_value) {
+        (true, Some(_)) => return Err(malformed("both Transfer-Encoding and Content-Length")),
+        (true, None) if version == Version::HTTP_10 => return Err(malformed("Transfer-Encoding in HTTP/1.0")),
+        (true, None) if !chunked => return Err(malformed("Transfer-Encoding does not end in chunked")),
+        (true, None) => BodyState::Chunked(ChunkedDecoder::default()),
+        (false, Some(length)) => BodyState::Length(length),
+        (false, None) => BodyState::Done,
+    };
+    let head = buffer.split_to(length).freeze();
+    let uri =
+        Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)).map_err(|e| malformed(&e.to_string()))?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name_at, name_len, value_at, value_len) in spans {
+        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len]).map_err(|e| malformed(&e.to_string()))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+            .map_err(|e| malformed(&e.to_string()))?;
+        headers.append(name, value);
+    }
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    let expects_continue = expects_continue && version == Version::HTTP_11 && body != BodyState::Done;
+    Ok(Some(RequestHead { request, body, keep_alive, expects_continue }))
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResponseFraming {
+    /// No body is written (HEAD, 1xx, 204, 304).
+    None,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client and a body of unknown length).
+    UntilClose,
+}
+
+/// Writes the status line and headers of `response` into `out`, adding what the wire needs
+/// (framing, `Date`, `Connection`), and says how the body follows. `keep_alive` is cleared when
+/// the response ends the connection.
+fn encode_response_head<B: Body>(
+    out: &mut BytesMut,
+    response: &Response<B>,
+    request_method: &Method,
+    request_version: Version,
+    keep_alive: &mut bool,
+) -> ResponseFraming {
+    let status = response.status();
+    out.put_slice(if request_version == Version::HTTP_10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    match response.extensions().get::<ReasonPhrase>() {
+        Some(reason) => out.put_slice(reason.as_bytes()),
+        None => out.put_slice(status.canonical_reason().unwrap_or("").as_bytes()),
+    }
+    out.put_slice(b"\r\n");
+    let headers = response.headers();
+    let (mut length, mut transfer_encoded, mut dated) = (None, false, false);
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            length = value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
+        } else if name == header::TRANSFER_ENCODING {
+            transfer_encoded = true;
+        } else if name == header::DATE {
+            dated = true;
+        } else if name == header::CONNECTION
+            && connection_options(value.as_bytes()).any(|option| matches!(option, ConnectionOption::Close))
+        {
+            *keep_alive = false;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if !dated {
+        out.put_slice(b"date: ");
+        put_date(out);
+        out.put_slice(b"\r\n");
+    }
+    let bodyless = request_method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodyless {
+        ResponseFraming::None
+    } else if transfer_encoded {
+        let chunked = headers.get_all(header::TRANSFER_ENCODING).iter().next_back().is_some_and(|v| {
+            v.as_bytes().rsplit(|b| *b == b',').next().is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        });
+        if chunked { ResponseFraming::Chunked } else { ResponseFraming::UntilClose }
+    } else if let Some(length) = length {
+        ResponseFraming::Length(length)
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        // A length that does not parse: passed on as it is, the body delimited by closing.
+        ResponseFraming::UntilClose
+    } else if let Some(exact) = response.body().size_hint().exact() {
+        out.put_slice(b"content-length: ");
+        out.put_slice(itoa::Buffer::new().format(exact).as_bytes());
+        out.put_slice(b"\r\n");
+        ResponseFraming::Length(exact)
+    } else if request_version == Version::HTTP_11 {
+        out.put_slice(b"transfer-encoding: chunked\r\n");
+        ResponseFraming::Chunked
+    } else {
+        ResponseFraming::UntilClose
+    };
+    if framing == ResponseFraming::UntilClose {
+        *keep_alive = false;
+    }
+    if !*keep_alive && !headers.contains_key(header::CONNECTION) {
+        out.put_slice(b"connection: close\r\n");
+    } else if *keep_alive && request_version == Version::HTTP_10 {
+        out.put_slice(b"connection: keep-alive\r\n");
+    }
+    out.put_slice(b"\r\n");
+    framing
+}
+
+thread_local! {
+    /// The `Date` value of the current second, formatted once per second per thread.
+    static DATE: std::cell::RefCell<(u64, [u8; 29])> = const { std::cell::RefCell::new((u64::MAX, [0; 29])) };
+}
+
+/// Appends the current time as an HTTP date (RFC 9110 section 5.6.7).
+fn put_date(out: &mut BytesMut) {
+    let now = SystemTime::now();
+    let second = now.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    DATE.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            let formatted = httpdate::fmt_http_date(now);
+            if formatted.len() == text.len() {
+                text.copy_from_slice(formatted.as_bytes());
+                *cached = second;
+            } else {
+                // Not the fixed-width form (years past 9999): written as it is, not cached.
+                out.put_slice(formatted.as_bytes());
+                return;
+            }
+        }
+        out.put_slice(&text[..]);
+    });
+}
+
+/// A ClickHouse-style answer to a request head that cannot be served; the connection closes.
+fn refusal(error: &HeadError) -> (Vec<u8>, u16) {
+    let (status, message) = match error {
+        HeadError::Malformed(error) => (StatusCode::BAD_REQUEST, format!("malformed HTTP request: {error}")),
+        HeadError::TooLarge => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("request head longer than {MAX_HEAD_BYTES} bytes or with more than {MAX_HEADERS} headers"),
+        ),
+    };
+    let body = format!("Code: 1001. DB::Exception: preagg-proxy: {message}. (PREAGG_BAD_REQUEST)\n");
+    let answer = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=UTF-8\r\nX-ClickHouse-Exception-Code: 1001\r\n\
+         X-Preagg: passthrough reason=not_query_endpoint\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    (answer.into_bytes(), status.as_u16())
+}
+
+/// What waiting for a request head came to.
+#[expect(clippy::large_enum_variant, reason = "one per request, moved once; a box would allocate")]
+enum NextHead {
+    Head(RequestHead),
+    Refused(HeadError),
+    /// The client closed, the read failed, the first head's deadline passed, or the server
+    /// shuts down.
+    Close,
+}
+
+/// Waits for the next request head: the one already buffered, or bytes from the client until one
+/// is complete. `deadline` bounds the whole head; `shutdown` ends the wait unless a head has
+/// begun. Both are created once per connection: polled here only, they cost a request nothing
+/// unless it has to wait.
+async fn next_head(
+    reader: &Mutex<Reader>,
+    mut deadline: Option<Pin<&mut Sleep>>,
+    mut shutdown: Pin<&mut WaitForCancellationFutureOwned>,
+) -> NextHead {
+    poll_fn(|cx| {
+        let mut reader = lock(reader);
+        loop {
+            if !reader.buffer.is_empty() {
+                match parse_request_head(&mut reader.buffer) {
+                    Ok(Some(head)) => return Poll::Ready(NextHead::Head(head)),
+                    Ok(None) => {}
+                    Err(error) => return Poll::Ready(NextHead::Refused(error)),
+                }
+            }
+            match reader.poll_fill(cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(NextHead::Close),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Pending => break,
+            }
+        }
+        let timed_out = deadline.as_mut().is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+        let shut_down = reader.buffer.is_empty() && shutdown.as_mut().poll(cx).is_ready();
+        if timed_out || shut_down { Poll::Ready(NextHead::Close) } else { Poll::Pending }
+    })
+    .await
+}
+
+/// Closes the connection the way that keeps a response just written from being lost: the
+/// writing side first, then what the client still sends (a body that was not read) is read
+/// and dropped for a while, since closing a socket with unread bytes resets the connection, and
+/// a reset can overtake the response (nginx's lingering close).
+async fn close(mut write: OwnedWriteHalf, reader: &Mutex<Reader>) {
+    let _ = write.shutdown().await;
+    let drained = poll_fn(|cx| {
+        let mut reader = lock(reader);
+        loop {
+            reader.buffer.clear();
+            match ready!(reader.poll_fill(cx)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) => {}
+            }
+        }
+    });
+    let _ = tokio::time::timeout(LINGER, drained).await;
+}
+
+/// Serves the requests of one client connection with `handler` until the connection closes or
+/// `shutdown` is cancelled. The first request head must arrive whole within `first_head_timeout`;
+/// later ones are left to the caller's idle watch.
+pub async fn serve_connection<H, F, B>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: H,
+    shutdown: CancellationToken,
+    first_head_timeout: std::time::Duration,
+) where
+    H: Fn(Request<ClientBody>, SocketAddr) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let (read, mut write) = stream.into_split();
+    let reader = Mutex::new(Reader { io: read, buffer: BytesMut::with_capacity(READ_BYTES), body: BodyState::Done });
+    let reader = Arc::new(reader);
+    let mut first_head_deadline = pin!(tokio::time::sleep(first_head_timeout));
+    let mut shutdown_requested = pin!(shutdown.clone().cancelled_owned());
+    let mut out = BytesMut::with_capacity(1024);
+    let mut first = true;
+    loop {
+        let deadline = first.then_some(first_head_deadline.as_mut());
+        let head = match next_head(&reader, deadline, shutdown_requested.as_mut()).await {
+            NextHead::Head(head) => head,
+            NextHead::Close => return,
+            NextHead::Refused(error) => {
+                let (answer, status) = refusal(&error);
+                tracing::info!(target: "preagg_proxy::access", status, error = ?error, %peer, "request head refused");
+                let _ = write.write_all(&answer).await;
+                close(write, &reader).await;
+                return;
+            }
+        };
+        first = false;
+        let RequestHead { request, body, mut keep_alive, expects_continue } = head;
+        lock(&reader).body = body;
+        if expects_continue && write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+            return;
+        }
+        let method = request.method().clone();
+        let version = request.version();
+        let body = match body {
+            BodyState::Done => ClientBody::empty(),
+            _ => ClientBody { reader: Some(Arc::clone(&reader)) },
+        };
+        let (parts, ()) = request.into_parts();
+        let mut answer = pin!(handler(Request::from_parts(parts, body), peer));
+        let handled = poll_fn(|cx| {
+            if let Poll::Ready(response) = answer.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            lock(&reader).poll_hang_up(cx).map(|()| None)
+        })
+        .await;
+        let Some(response) = handled else {
+            tracing::debug!(%peer, "client closed the connection while its request was handled");
+            return;
+        };
+        if shutdown.is_cancelled() {
+            keep_alive = false;
+        }
+        out.clear();
+        let framing = encode_response_head(&mut out, &response, &method, version, &mut keep_alive);
+        if let Err(error) = write_body(&mut write, &reader, &mut out, response.into_body(), framing).await {
+            tracing::debug!(%error, %peer, "response not sent whole; closing the connection");
+            return;
+        }
+        // A request body not read to its end leaves the connection mid-request.
+        let body_read = lock(&reader).body == BodyState::Done;
+        if !keep_alive || !body_read {
+            close(write, &reader).await;
+            return;
+        }
+    }
+}
+
+/// Why a response body could not be sent whole.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("writing to the client: {0}")]
+    Io(#[from] io::Error),
+    #[error("the response body failed: {0}")]
+    Body(String),
+    #[error("the response body does not match its Content-Length")]
+    Length,
+    #[error("the client closed the connection")]
+    HungUp,
+}
+
+/// Writes `out` (the head) and the body after it, framed as `framing`; the body's frames that are
+/// ready go out with the head. `reader` is watched for the client hanging up.
+async fn write_body<B>(
+    write: &mut OwnedWriteHalf,
+    reader: &Mutex<Reader>,
+    out: &mut BytesMut,
+    mut body: B,
+    framing: ResponseFraming,
+) -> Result<(), SendError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    if framing == ResponseFraming::None {
+        drop(body);
+        write.write_all(out).await?;
+        return Ok(());
+    }
+    let mut left = match framing {
+        ResponseFraming::Length(length) => Some(length),
+        _ => None,
+    };
+    loop {
+        let frame = match body.frame().now_or_never() {
+            Some(frame) => frame,
+            None => {
+                if !out.is_empty() {
+                    write.write_all(out).await?;
+                    out.clear();
+                }
+                // Waiting for the body (a long query's next block): a client that hangs up
+                // meanwhile ends it, instead of the next write.
+                let next = poll_fn(|cx| {
+                    if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                        return Poll::Ready(Some(frame));
+                    }
+                    lock(reader).poll_hang_up(cx).map(|()| None)
+                });
+                next.await.ok_or(SendError::HungUp)?
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(error)) => {
+                // What was sent stays incomplete: the client sees a body cut short, not an end.
+                write.write_all(out).await?;
+                return Err(SendError::Body(error.to_string()));
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if let Some(left) = left.as_mut() {
+            *left = left.checked_sub(data.len() as u64).ok_or(SendError::Length)?;
+        }
+        if framing == ResponseFraming::Chunked {
+            put_chunk_size(out, data.len());
+        }
+        if data.len() <= INLINE_BYTES {
+            out.put_slice(&data);
+        } else {
+            write.write_all(out).await?;
+            out.clear();
+            write.write_all(&data).await?;
+        }
+        if framing == ResponseFraming::Chunked {
+            out.put_slice(b"\r\n");
+        }
+        if out.len() >= FLUSH_BYTES {
+            write.write_all(out).await?;
+            out.clear();
+        }
+    }
+    if framing == ResponseFraming::Chunked {
+        out.put_slice(b"0\r\n\r\n");
+    }
+    if !out.is_empty() {
+        write.write_all(out).await?;
+        out.clear();
+    }
+    match left {
+        Some(0) | None => Ok(()),
+        Some(_) => Err(SendError::Length),
+    }
+}
+
+/// Appends a chunk-size line: the size in hexadecimal, CRLF.
+fn put_chunk_size(out: &mut BytesMut, size: usize) {
+    let mut digits = [0u8; 2 * size_of::<usize>()];
+    let mut at = digits.len();
+    let mut rest = size;
+    loop {
+        at -= 1;
+        digits[at] = b"0123456789abcdef"[rest & 0xf];
+        rest >>= 4;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[at..]);
+    out.put_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use http_body_util::{Full, StreamBody};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn parse(text: &str) -> Result<Option<RequestHead>, HeadError> {
+        parse_request_head(&mut BytesMut::from(text))
+    }
+
+    fn malformed(text: &str) -> String {
+        match parse(text) {
+            Err(HeadError::Malformed(why)) => why,
+            other => panic!("{text:?} was not refused as malformed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_heads_give_their_parts_framing_and_keep_alive() {
+        let mut buffer = BytesMut::from(
+            "POST /?query=SELECT%201 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\nContent-Length: 5\r\n\r\nhello",
+        );
+        let head = parse_request_head(&mut buffer).unwrap().unwrap();
+        assert_eq!(&buffer[..], b"hello", "the body stays in the buffer");
+        assert_eq!(head.request.method(), Method::POST);
+        assert_eq!(head.request.uri(), "/?query=SELECT%201");
+        let values: Vec<_> = head.request.headers().get_all("x-a").iter().collect();
+        assert_eq!(values, ["1", "2"]);
+        assert_eq!((head.body, head.keep_alive, head.expects_continue), (BodyState::Length(5), true, false));
+
+        let head = parse("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nExpect: 100-continue\r\n\r\n");
+        let head = head.unwrap().unwrap();
+        assert_eq!(head.body, BodyState::Chunked(ChunkedDecoder::default()));
+        assert!(head.expects_continue);
+        // No body: nothing to continue with.
+        assert!(!parse("GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").unwrap().unwrap().expects_continue);
+
+        let keep = |text: &str| parse(text).unwrap().unwrap().keep_alive;
+        assert!(!keep("GET / HTTP/1.0\r\n\r\n"));
+        assert!(keep("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+        assert!(!keep("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none(), "incomplete");
+    }
+
+    #[test]
+    fn request_heads_that_could_be_read_two_ways_are_refused() {
+        assert!(malformed("THIS IS NOT HTTP\r\n\r\n").contains("invalid"));
+        malformed("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+        malformed("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n");
+        malformed("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n");
+        malformed("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n");
+        malformed("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
+        // The same length twice is one length.
+        let head = parse("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n").unwrap().unwrap();
+        assert_eq!(head.body, BodyState::Length(5));
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert_eq!(parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(), Some(HeadError::TooLarge));
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD_BYTES));
+        assert_eq!(parse(&long).err(), Some(HeadError::TooLarge));
+    }
+
+    fn encoded<B: Body>(
+        response: &Response<B>,
+        method: Method,
+        version: Version,
+        keep_alive: bool,
+    ) -> (String, ResponseFraming, bool) {
+        let mut out = BytesMut::new();
+        let mut keep_alive = keep_alive;
+        let framing = encode_response_head(&mut out, response, &method, version, &mut keep_alive);
+        (String::from_utf8(out.to_vec()).unwrap(), framing, keep_alive)
+    }
+
+    #[test]
+    fn response_heads_say_how_their_body_is_framed() {
+        let known = Response::builder().header("date", "then").body(Full::new(Bytes::from("1\n"))).unwrap();
+        let (head, framing, keep) = encoded(&known, Method::POST, Version::HTTP_11, true);
+        assert_eq!(head, "HTTP/1.1 200 OK\r\ndate: then\r\ncontent-length: 2\r\n\r\n");
+        assert_eq!((framing, keep), (ResponseFraming::Length(2), true));
+
+        let stream = || StreamBody::new(futures_util::stream::empty::<Result<Frame<Bytes>, io::Error>>());
+        let mut unknown = Response::new(stream());
+        unknown.headers_mut().insert("date", HeaderValue::from_static("then"));
+        let (head, framing, _) = encoded(&unknown, Method::POST, Version::HTTP_11, true);
+        assert!(head.ends_with("transfer-encoding: chunked\r\n\r\n"), "{head}");
+        assert_eq!(framing, ResponseFraming::Chunked);
+        // An HTTP/1.0 client cannot take chunks: the body ends with the connection.
+        let (head, framing, keep) = encoded(&unknown, Method::POST, Version::HTTP_10, true);
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n") && head.ends_with("connection: close\r\n\r\n"), "{head}");
+        assert_eq!((framing, keep), (ResponseFraming::UntilClose, false));
+
+        // A HEAD answer keeps the length it was given and writes no body; a reason phrase of
+        // the upstream's own is kept; a missing date is added.
+        let mut head_answer =
+            Response::builder().status(599).header("content-length", "10").body(Full::new(Bytes::new())).unwrap();
+        head_answer.extensions_mut().insert(ReasonPhrase::from_static(b"Upstream Says"));
+        let (head, framing, _) = encoded(&head_answer, Method::HEAD, Version::HTTP_11, false);
+        assert!(head.starts_with("HTTP/1.1 599 Upstream Says\r\ncontent-length: 10\r\ndate: "), "{head}");
+        assert!(head.ends_with(" GMT\r\nconnection: close\r\n\r\n"), "{head}");
+        assert_eq!(framing, ResponseFraming::None);
+    }
+
+    #[test]
+    fn chunk_sizes_are_hexadecimal() {
+        let mut out = BytesMut::new();
+        for size in [1, 15, 16, 4096, 0x12ab] {
+            put_chunk_size(&mut out, size);
+        }
+        assert_eq!(&out[..], b"1\r\nf\r\n10\r\n1000\r\n12ab\r\n");
+    }
+
+    /// Sends on its channel when dropped.
+    struct Report(tokio::sync::mpsc::UnboundedSender<()>);
+
+    impl Drop for Report {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+
+    /// A server on a free port whose handler echoes the method, path and body; `/never` never
+    /// answers and `/stalls` never ends its body (each reports being dropped on `dropped`),
+    /// `/broken` answers with a chunked body that fails after its first piece.
+    async fn echo_server(dropped: tokio::sync::mpsc::UnboundedSender<()>) -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let closing = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = listener.accept().await.unwrap();
+                let dropped = dropped.clone();
+                let handler = move |request: Request<ClientBody>, _| {
+                    let dropped = dropped.clone();
+                    async move {
+                        let path = request.uri().path().to_string();
+                        if path == "/never" {
+                            let _report = Report(dropped.clone());
+                            std::future::pending::<()>().await;
+                        }
+                        if path == "/stalls" {
+                            let report = Report(dropped);
+                            let first = futures_util::stream::iter([Ok(Frame::data(Bytes::from("first")))]);
+                            let stalled = futures_util::stream::poll_fn(move |_| {
+                                let _reported_on_drop = &report;
+                                Poll::<Option<Result<Frame<Bytes>, io::Error>>>::Pending
+                            });
+                            return Response::new(StreamBody::new(first.chain(stalled)).boxed_unsync());
+                        }
+                        if path == "/broken" {
+                            let pieces = vec![Ok(Frame::data(Bytes::from("first"))), Err(io::Error::other("broken"))];
+                            let body = StreamBody::new(futures_util::stream::iter(pieces)).boxed_unsync();
+                            return Response::new(body);
+                        }
+                        let method = request.method().to_string();
+                        let body = match request.into_body().collect().await {
+                            Ok(body) => body.to_bytes(),
+                            Err(error) => Bytes::from(error.to_string()),
+                        };
+                        let text = format!("{method} {path} {}", String::from_utf8_lossy(&body));
+                        Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed_unsync())
+                    }
+                };
+                tokio::spawn(serve_connection(stream, peer, handler, closing.clone(), Duration::from_secs(10)));
+            }
+        });
+        (address, shutdown)
+    }
+
+    async fn read_until(stream: &mut TcpStream, end: &str) -> String {
+        let mut text = Vec::new();
+        let mut piece = [0u8; 4096];
+        while !String::from_utf8_lossy(&text).contains(end) {
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut piece)).await.unwrap().unwrap();
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&piece[..n]);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    #[tokio::test]
+    async fn pipelined_chunked_and_continued_requests_are_answered_in_order() {
+        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
+        let (address, _shutdown) = echo_server(dropped).await;
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client
+            .write_all(
+                b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nonePOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3;ext=1\r\ntwo\r\n0\r\nX-Trailer: t\r\n\r\nGET /c HTTP/1.1\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let answers = read_until(&mut client, "GET /c ").await;
+        let bodies: Vec<_> =
+            answers.split("\r\n\r\n").skip(1).map(|part| part.split("HTTP/1.1").next().unwrap()).collect();
+        assert_eq!(bodies, ["POST /a one", "POST /b two", "GET /c "], "{answers}");
+
+        client.write_all(b"POST /d HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n").await.unwrap();
+        let interim = read_until(&mut client, "\r\n\r\n").await;
+        assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+        client.write_all(b"four").await.unwrap();
+        assert!(read_until(&mut client, "POST /d four").await.starts_with("HTTP/1.1 200 OK\r\n"));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_cancels_its_request() {
+        let (dropped, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let (address, _shutdown) = echo_server(dropped).await;
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(b"GET /never HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(reports.try_recv().is_err(), "the request is still being handled");
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), reports.recv()).await.expect("the handler was dropped");
+
+        // The same while the body is awaited after the head went out.
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(b"GET /stalls HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(read_until(&mut client, "first").await.starts_with("HTTP/1.1 200 OK\r\n"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(reports.try_recv().is_err(), "the body is still awaited");
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), reports.recv()).await.expect("the body was dropped");
+    }
+
+    #[tokio::test]
+    async fn a_failed_body_is_cut_short_and_an_unread_one_ends_the_connection() {
+        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
+        let (address, _shutdown) = echo_server(dropped).await;
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(b"GET /broken HTTP/1.1\r\n\r\n").await.unwrap();
+        let answer = read_until(&mut client, "\u{0}never").await;
+        assert!(answer.ends_with("5\r\nfirst\r\n"), "no last chunk after a failure: {answer:?}");
+
+        // `/broken` does not read its request body: the answer still arrives whole, then the
+        // connection ends (its next bytes would be the rest of the body).
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(b"POST /broken HTTP/1.1\r\nContent-Length: 100000\r\n\r\npartial").await.unwrap();
+        let answer = read_until(&mut client, "\u{0}never").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("first"), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_a_clickhouse_style_400_and_graceful_shutdown_closes_idle_connections() {
+        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
+        let (address, shutdown) = echo_server(dropped).await;
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(b"THIS IS NOT HTTP\r\n\r\n").await.unwrap();
+        let answer = read_until(&mut client, "\u{0}never").await;
+        assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
+        assert!(answer.contains("Code: 1001. DB::Exception: preagg-proxy: malformed HTTP request"), "{answer}");
+
+        let mut idle = TcpStream::connect(address).await.unwrap();
+        idle.write_all(b"GET /a HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(read_until(&mut idle, "GET /a ").await.starts_with("HTTP/1.1 200"));
+        shutdown.cancel();
+        assert_eq!(read_until(&mut idle, "\u{0}never").await, "", "closed without another answer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_head_trickling_in_gets_the_timeout_for_all_of_it() {
+        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
+        let (address, _shutdown) = echo_server(dropped).await;
+        let mut client = TcpStream::connect(address).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut piece = [0u8; 64];
+        for byte in b"GET /ping HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if client.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            // Closed by the server: the read ends at once.
+            if let Ok(read) = tokio::time::timeout(Duration::from_millis(1), client.read(&mut piece)).await {
+                assert_eq!(read.unwrap_or(0), 0);
+                break;
+            }
+        }
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(10) && waited <= Duration::from_secs(12), "closed after {waited:?}");
+    }
+}
