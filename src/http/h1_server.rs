@@ -93,6 +93,8 @@ struct Reader {
     io: OwnedReadHalf,
     buffer: BytesMut,
     body: BodyState,
+    /// How much of the buffer was searched for the end of a request head without finding it.
+    scanned: usize,
 }
 
 impl Reader {
@@ -156,13 +158,14 @@ impl Reader {
     }
 
     /// Watches for the client hanging up while its request is handled: `Ready` once it has (or
-    /// the connection failed). Bytes of a pipelined request are kept for later, up to a head's
-    /// worth. Only once the body is read: until then, reading is the body's business.
+    /// the connection failed). Only once the body is read (until then, reading is the body's
+    /// business) and until the next request begins to arrive: a client that pipelines requests
+    /// and then closes its sending side is still answered, as hyper did.
     fn poll_hang_up(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.body != BodyState::Done {
             return Poll::Pending;
         }
-        while self.buffer.len() < MAX_HEAD_BYTES {
+        while self.buffer.is_empty() {
             match ready!(self.poll_fill(cx)) {
                 Ok(0) | Err(_) => return Poll::Ready(()),
                 Ok(_) => {}
@@ -255,15 +258,15 @@ fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, Head
     let target = parsed.path.unwrap_or_default().as_bytes();
     let target = (offset(target), target.len());
     let mut spans = Vec::with_capacity(parsed.headers.len());
-    let mut keep_alive = version == Version::HTTP_11;
+    let (mut close, mut keep_alive_asked) = (false, false);
     let (mut chunked, mut transfer_encoded, mut length_value, mut expects_continue) = (false, false, None, false);
     for h in parsed.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"connection") {
             for option in connection_options(h.value) {
                 match option {
-                    ConnectionOption::Close => keep_alive = false,
-                    ConnectionOption::KeepAlive => keep_alive = true,
+                    ConnectionOption::Close => close = true,
+                    ConnectionOption::KeepAlive => keep_alive_asked = true,
                     ConnectionOption::Header(_) => {}
                 }
             }
@@ -273,7 +276,11 @@ fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, Head
             chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
         } else if name.eq_ignore_ascii_case(b"content-length") {
             for part in h.value.split(|b| *b == b',') {
-                let value = std::str::from_utf8(part.trim_ascii()).ok().and_then(|v| v.parse::<u64>().ok());
+                // 1*DIGIT (RFC 9110 section 8.6): no sign, no spaces inside.
+                let digits = part.trim_ascii();
+                let value = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+                    .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+                    .flatten();
                 match (length_value, value) {
                     (_, None) => return Err(malformed("invalid Content-Length")),
                     (Some(seen), Some(value)) if seen != value => return Err(malformed("conflicting Content-Length")),
@@ -292,9 +299,14 @@ fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, Head
         (true, None) if version == Version::HTTP_10 => return Err(malformed("Transfer-Encoding in HTTP/1.0")),
         (true, None) if !chunked => return Err(malformed("Transfer-Encoding does not end in chunked")),
         (true, None) => BodyState::Chunked(ChunkedDecoder::default()),
+        (false, Some(0) | None) => BodyState::Done,
         (false, Some(length)) => BodyState::Length(length),
-        (false, None) => BodyState::Done,
     };
+    if length > MAX_HEAD_BYTES {
+        return Err(HeadError::TooLarge);
+    }
+    // A `close` wins over a `keep-alive` (RFC 9112 section 9.6).
+    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_asked);
     let head = buffer.split_to(length).freeze();
     let uri =
         Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)).map_err(|e| malformed(&e.to_string()))?;
@@ -454,6 +466,14 @@ fn refusal(error: &HeadError) -> (Vec<u8>, u16) {
     (answer.into_bytes(), status.as_u16())
 }
 
+/// Whether `buffer` holds the empty line that ends a head (CRLF or bare LF line ends, as
+/// `httparse` takes them), looking only at what follows the first `scanned` bytes.
+fn ends_head(buffer: &[u8], scanned: usize) -> bool {
+    let from = scanned.saturating_sub(2);
+    let fresh = &buffer[from..];
+    memchr::memmem::find(fresh, b"\n\r\n").is_some() || memchr::memmem::find(fresh, b"\n\n").is_some()
+}
+
 /// What waiting for a request head came to.
 #[expect(clippy::large_enum_variant, reason = "one per request, moved once; a box would allocate")]
 enum NextHead {
@@ -476,12 +496,22 @@ async fn next_head(
     poll_fn(|cx| {
         let mut reader = lock(reader);
         loop {
-            if !reader.buffer.is_empty() {
-                match parse_request_head(&mut reader.buffer) {
-                    Ok(Some(head)) => return Poll::Ready(NextHead::Head(head)),
-                    Ok(None) => {}
-                    Err(error) => return Poll::Ready(NextHead::Refused(error)),
+            // Parsed only once the bytes that end a head have come, each byte searched once: a
+            // head trickling in costs no more than one arriving whole.
+            if reader.buffer.len() > reader.scanned {
+                if ends_head(&reader.buffer, reader.scanned) {
+                    match parse_request_head(&mut reader.buffer) {
+                        Ok(Some(head)) => {
+                            reader.scanned = 0;
+                            return Poll::Ready(NextHead::Head(head));
+                        }
+                        Ok(None) => {}
+                        Err(error) => return Poll::Ready(NextHead::Refused(error)),
+                    }
+                } else if reader.buffer.len() >= MAX_HEAD_BYTES {
+                    return Poll::Ready(NextHead::Refused(HeadError::TooLarge));
                 }
+                reader.scanned = reader.buffer.len();
             }
             match reader.poll_fill(cx) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(NextHead::Close),
@@ -531,7 +561,8 @@ pub async fn serve_connection<H, F, B>(
     B::Error: std::fmt::Display,
 {
     let (read, mut write) = stream.into_split();
-    let reader = Mutex::new(Reader { io: read, buffer: BytesMut::with_capacity(READ_BYTES), body: BodyState::Done });
+    let buffer = BytesMut::with_capacity(READ_BYTES);
+    let reader = Mutex::new(Reader { io: read, buffer, body: BodyState::Done, scanned: 0 });
     let reader = Arc::new(reader);
     let mut first_head_deadline = pin!(tokio::time::sleep(first_head_timeout));
     let mut shutdown_requested = pin!(shutdown.clone().cancelled_owned());
@@ -575,7 +606,7 @@ pub async fn serve_connection<H, F, B>(
             tracing::debug!(%peer, "client closed the connection while its request was handled");
             return;
         };
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() || body_left_unread(&reader) {
             keep_alive = false;
         }
         out.clear();
@@ -591,6 +622,29 @@ pub async fn serve_connection<H, F, B>(
             return;
         }
     }
+}
+
+/// Most of an abandoned request body read and dropped to keep its connection (what has come
+/// already, as hyper does); a longer one closes the connection.
+const DRAIN_BYTES: usize = 256 * 1024;
+
+/// Whether the request body was left unread where nobody can read it any more (its
+/// [`ClientBody`] is gone), after what of it has already arrived (up to [`DRAIN_BYTES`]) was
+/// read and dropped. The answer then says `Connection: close`: the connection is mid-request.
+fn body_left_unread(reader: &Arc<Mutex<Reader>>) -> bool {
+    let mut guard = lock(reader);
+    if guard.body == BodyState::Done || Arc::strong_count(reader) > 1 {
+        return false;
+    }
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut drained = 0;
+    while drained < DRAIN_BYTES {
+        match guard.poll_body(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => drained += frame.data_ref().map_or(0, Bytes::len),
+            _ => break,
+        }
+    }
+    guard.body != BodyState::Done
 }
 
 /// Why a response body could not be sent whole.
@@ -663,7 +717,12 @@ where
             continue;
         }
         if let Some(left) = left.as_mut() {
-            *left = left.checked_sub(data.len() as u64).ok_or(SendError::Length)?;
+            let Some(rest) = left.checked_sub(data.len() as u64) else {
+                // Longer than announced: what fits was sent, the rest is not.
+                write.write_all(out).await?;
+                return Err(SendError::Length);
+            };
+            *left = rest;
         }
         if framing == ResponseFraming::Chunked {
             put_chunk_size(out, data.len());
@@ -755,7 +814,14 @@ mod tests {
         // No body: nothing to continue with.
         assert!(!parse("GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").unwrap().unwrap().expects_continue);
 
+        // A zero length is no body: nothing to wait for, nothing to continue with.
+        let head = parse("POST / HTTP/1.1\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n");
+        let head = head.unwrap().unwrap();
+        assert_eq!((head.body, head.expects_continue), (BodyState::Done, false));
+
         let keep = |text: &str| parse(text).unwrap().unwrap().keep_alive;
+        assert!(!keep("GET / HTTP/1.1\r\nConnection: close, keep-alive\r\n\r\n"), "close wins");
+        assert!(!keep("GET / HTTP/1.0\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n"));
         assert!(!keep("GET / HTTP/1.0\r\n\r\n"));
         assert!(keep("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
         assert!(!keep("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
@@ -768,6 +834,7 @@ mod tests {
         malformed("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
         malformed("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n");
         malformed("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n");
+        malformed("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n");
         malformed("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n");
         malformed("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
         // The same length twice is one length.
@@ -840,7 +907,8 @@ mod tests {
 
     /// A server on a free port whose handler echoes the method, path and body; `/never` never
     /// answers and `/stalls` never ends its body (each reports being dropped on `dropped`),
-    /// `/broken` answers with a chunked body that fails after its first piece.
+    /// `/broken` answers with a chunked body that fails after its first piece, `/ignores`
+    /// answers without reading the request body, `/slow` echoes after 50 ms.
     async fn echo_server(dropped: tokio::sync::mpsc::UnboundedSender<()>) -> (SocketAddr, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -866,6 +934,14 @@ mod tests {
                                 Poll::<Option<Result<Frame<Bytes>, io::Error>>>::Pending
                             });
                             return Response::new(StreamBody::new(first.chain(stalled)).boxed_unsync());
+                        }
+                        if path == "/slow" {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        if path == "/ignores" {
+                            return Response::new(
+                                Full::new(Bytes::from("ignored")).map_err(|never| match never {}).boxed_unsync(),
+                            );
                         }
                         if path == "/broken" {
                             let pieces = vec![Ok(Frame::data(Bytes::from("first"))), Err(io::Error::other("broken"))];
@@ -946,7 +1022,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_body_is_cut_short_and_an_unread_one_ends_the_connection() {
+    async fn a_failed_body_is_cut_short_and_an_unread_one_is_dropped_or_closes_the_connection() {
         let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
         let (address, _shutdown) = echo_server(dropped).await;
         let mut client = TcpStream::connect(address).await.unwrap();
@@ -954,12 +1030,31 @@ mod tests {
         let answer = read_until(&mut client, "\u{0}never").await;
         assert!(answer.ends_with("5\r\nfirst\r\n"), "no last chunk after a failure: {answer:?}");
 
-        // `/broken` does not read its request body: the answer still arrives whole, then the
-        // connection ends (its next bytes would be the rest of the body).
+        // A body the handler left unread: what has come is dropped and the connection kept...
         let mut client = TcpStream::connect(address).await.unwrap();
-        client.write_all(b"POST /broken HTTP/1.1\r\nContent-Length: 100000\r\n\r\npartial").await.unwrap();
+        client.write_all(b"POST /ignores HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").await.unwrap();
+        let answer = read_until(&mut client, "ignored").await;
+        assert!(!answer.contains("connection: close"), "{answer}");
+        client.write_all(b"GET /next HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(read_until(&mut client, "GET /next ").await.starts_with("HTTP/1.1 200 OK\r\n"));
+        // ...unless more is still to come: then the answer says so and the connection ends,
+        // the answer whole although the client is still sending.
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(b"POST /ignores HTTP/1.1\r\nContent-Length: 100000\r\n\r\npartial").await.unwrap();
         let answer = read_until(&mut client, "\u{0}never").await;
-        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("first"), "{answer:?}");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+        assert!(answer.contains("connection: close\r\n") && answer.ends_with("ignored"), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_sent_before_a_half_close_are_all_answered() {
+        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
+        let (address, _shutdown) = echo_server(dropped).await;
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(b"GET /slow HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n").await.unwrap();
+        client.shutdown().await.unwrap();
+        let answers = read_until(&mut client, "\u{0}never").await;
+        assert!(answers.contains("GET /slow ") && answers.ends_with("GET /b "), "{answers}");
     }
 
     #[tokio::test]
