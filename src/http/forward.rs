@@ -53,6 +53,10 @@ where
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually there are none (`Connection` is one of them): one pass over the names tells.
+    if !headers.keys().any(|name| h1::is_hop_by_hop(name.as_str().as_bytes())) {
+        return;
+    }
     if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
         let (_, values) = connection.remove_entry_mult();
         // Usually just `keep-alive`: nothing is allocated then.

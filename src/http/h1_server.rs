@@ -470,8 +470,10 @@ fn refusal(error: &HeadError) -> (Vec<u8>, u16) {
 /// `httparse` takes them), looking only at what follows the first `scanned` bytes.
 fn ends_head(buffer: &[u8], scanned: usize) -> bool {
     let from = scanned.saturating_sub(2);
-    let fresh = &buffer[from..];
-    memchr::memmem::find(fresh, b"\n\r\n").is_some() || memchr::memmem::find(fresh, b"\n\n").is_some()
+    memchr::memchr_iter(b'\n', &buffer[from..]).any(|at| {
+        let next = &buffer[from + at + 1..];
+        next.starts_with(b"\n") || next.starts_with(b"\r\n")
+    })
 }
 
 /// What waiting for a request head came to.
