@@ -116,6 +116,37 @@ pub enum ConnectionOption {
     Header(HeaderName),
 }
 
+/// Whether a message leaves its connection open for another (RFC 9112 section 9.3): HTTP/1.1
+/// unless a `Connection` header said `close`, HTTP/1.0 only if one said `keep-alive`; `close`
+/// wins over `keep-alive` (section 9.6).
+pub fn persistent(version: Version, close: bool, keep_alive: bool) -> bool {
+    !close && (version == Version::HTTP_11 || keep_alive)
+}
+
+/// Whether a `Transfer-Encoding` value ends in `chunked`, the one coding that delimits a body.
+pub fn ends_in_chunked(value: &[u8]) -> bool {
+    value.rsplit(|b| *b == b',').next().is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Folds one `Content-Length` value into the length of the fields seen before (`seen`): a list
+/// of equal lengths is one length (RFC 9110 section 8.6). `None` for a value that is not
+/// 1*DIGIT (no sign) or differs from another.
+pub fn content_length(value: &[u8], seen: Option<u64>) -> Option<u64> {
+    let mut length = seen;
+    for part in value.split(|b| *b == b',') {
+        let digits = part.trim_ascii();
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let value = std::str::from_utf8(digits).ok()?.parse::<u64>().ok()?;
+        if length.is_some_and(|length| length != value) {
+            return None;
+        }
+        length = Some(value);
+    }
+    length
+}
+
 /// The options of one `Connection` header value; tokens that are not header names are skipped.
 pub fn connection_options(value: &[u8]) -> impl Iterator<Item = ConnectionOption> + '_ {
     value.split(|b| *b == b',').map(<[u8]>::trim_ascii).filter_map(|option| {
@@ -354,8 +385,10 @@ pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opt
     let offset = |part: &[u8]| part.as_ptr() as usize - base;
     let mut spans = Vec::with_capacity(response.headers.len());
     let mut connection_headers: Vec<HeaderName> = Vec::new();
-    let (mut chunked, mut transfer_encoded, mut lengths) = (false, false, None::<Result<u64, ()>>);
-    let mut close = version == Version::HTTP_10;
+    let (mut chunked, mut transfer_encoded) = (false, false);
+    // The length of the `Content-Length` fields so far; `Err` once one is invalid.
+    let mut body_length = Ok(None);
+    let (mut close, mut keep_alive) = (false, false);
     for h in response.headers.iter() {
         let name = h.name.as_bytes();
         if is_hop_by_hop(name) {
@@ -363,26 +396,18 @@ pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opt
                 for option in connection_options(h.value) {
                     match option {
                         ConnectionOption::Close => close = true,
-                        ConnectionOption::KeepAlive => close = false,
+                        ConnectionOption::KeepAlive => keep_alive = true,
                         ConnectionOption::Header(named) => connection_headers.push(named),
                     }
                 }
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 transfer_encoded = true;
-                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
-                chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+                chunked = ends_in_chunked(h.value);
             }
             continue;
         }
         if name.eq_ignore_ascii_case(b"content-length") {
-            for part in h.value.split(|b| *b == b',') {
-                let value = std::str::from_utf8(part.trim_ascii()).ok().and_then(|v| v.parse::<u64>().ok());
-                lengths = match (lengths, value) {
-                    (_, None) | (Some(Err(())), _) => Some(Err(())),
-                    (Some(Ok(seen)), Some(value)) if seen != value => Some(Err(())),
-                    (_, Some(value)) => Some(Ok(value)),
-                };
-            }
+            body_length = body_length.and_then(|seen| content_length(h.value, seen).map(Some).ok_or(()));
         }
         spans.push((offset(name), name.len(), offset(h.value), h.value.len()));
     }
@@ -411,13 +436,13 @@ pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opt
         headers.remove(header::CONTENT_LENGTH);
         Framing::UntilClose
     } else {
-        match lengths {
-            Some(Ok(length)) => Framing::Length(length),
-            Some(Err(())) => return Err(H1Error::InvalidHead("invalid Content-Length".into())),
-            None => Framing::UntilClose,
+        match body_length {
+            Ok(Some(length)) => Framing::Length(length),
+            Err(()) => return Err(H1Error::InvalidHead("invalid Content-Length".into())),
+            Ok(None) => Framing::UntilClose,
         }
     };
-    let keep_alive = !close && framing != Framing::UntilClose;
+    let keep_alive = persistent(version, close, keep_alive) && framing != Framing::UntilClose;
     Ok(Some(ResponseHead { status, version, headers, reason, framing, keep_alive }))
 }
 
@@ -848,6 +873,27 @@ mod tests {
         assert_eq!(header_name(b"X-ClickHouse-Something-New").unwrap(), "x-clickhouse-something-new");
         assert_eq!(header_name(b"Content-Type").unwrap(), header::CONTENT_TYPE);
         assert!(header_name(b"bad name").is_err());
+    }
+
+    #[test]
+    fn framing_rules_are_the_same_for_requests_and_responses() {
+        assert_eq!(content_length(b"5", None), Some(5));
+        assert_eq!(content_length(b"5, 5", None), Some(5), "a list of one length");
+        assert_eq!(content_length(b"5", Some(5)), Some(5), "a second field, the same");
+        assert_eq!(content_length(b"5", Some(6)), None);
+        for bad in [&b"+5"[..], b"-1", b"5 5", b"", b"5,", b"0x5"] {
+            assert_eq!(content_length(bad, None), None, "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(ends_in_chunked(b"gzip, Chunked "));
+        assert!(!ends_in_chunked(b"chunked, gzip"));
+        assert!(persistent(Version::HTTP_11, false, false));
+        assert!(!persistent(Version::HTTP_10, false, false));
+        assert!(persistent(Version::HTTP_10, false, true));
+        assert!(!persistent(Version::HTTP_10, true, true), "close wins");
+        let keep = |text: &str| head(text, &Method::GET).unwrap().unwrap().keep_alive;
+        assert!(!keep("HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n"));
+        assert!(keep("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"));
+        assert!(head("HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n", &Method::GET).is_err());
     }
 
     #[test]

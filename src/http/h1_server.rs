@@ -13,6 +13,7 @@
 //! read to its end, after a body that failed, and when `shutdown` is cancelled (an idle connection
 //! at once, a busy one after its response, which then says `Connection: close`).
 
+use std::fmt::Write as _;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::mem::MaybeUninit;
@@ -35,14 +36,16 @@ use tokio::time::Sleep;
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::h1::{ChunkedDecoder, ConnectionOption, Decoded, H1Error, connection_options};
+use super::h1::{
+    ChunkedDecoder, ConnectionOption, Decoded, H1Error, connection_options, content_length, ends_in_chunked, persistent,
+};
 
 /// Most headers a request head may have (as hyper).
 const MAX_HEADERS: usize = 100;
 
 /// Longest request head accepted: ClickHouse's own limit on a URI (`http_max_uri_size`), since
 /// a GET may carry its query text there.
-pub const MAX_HEAD_BYTES: usize = 1024 * 1024;
+const MAX_HEAD_BYTES: usize = 1024 * 1024;
 
 /// Room made in the read buffer before a read.
 const READ_BYTES: usize = 16 * 1024;
@@ -189,7 +192,7 @@ pub struct ClientBody {
 
 impl ClientBody {
     /// A body with nothing in it.
-    pub fn empty() -> ClientBody {
+    fn empty() -> ClientBody {
         ClientBody { reader: None }
     }
 }
@@ -241,7 +244,7 @@ struct RequestHead {
 fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
-    let length = match parsed.parse_with_uninit_headers(buffer, &mut slots) {
+    let head_length = match parsed.parse_with_uninit_headers(buffer, &mut slots) {
         Ok(httparse::Status::Complete(length)) => length,
         Ok(httparse::Status::Partial) if buffer.len() >= MAX_HEAD_BYTES => return Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
@@ -258,35 +261,23 @@ fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, Head
     let target = parsed.path.unwrap_or_default().as_bytes();
     let target = (offset(target), target.len());
     let mut spans = Vec::with_capacity(parsed.headers.len());
-    let (mut close, mut keep_alive_asked) = (false, false);
-    let (mut chunked, mut transfer_encoded, mut length_value, mut expects_continue) = (false, false, None, false);
+    let (mut close, mut keep_alive) = (false, false);
+    let (mut chunked, mut transfer_encoded, mut length, mut expects_continue) = (false, false, None, false);
     for h in parsed.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"connection") {
             for option in connection_options(h.value) {
                 match option {
                     ConnectionOption::Close => close = true,
-                    ConnectionOption::KeepAlive => keep_alive_asked = true,
+                    ConnectionOption::KeepAlive => keep_alive = true,
                     ConnectionOption::Header(_) => {}
                 }
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             transfer_encoded = true;
-            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
-            chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            chunked = ends_in_chunked(h.value);
         } else if name.eq_ignore_ascii_case(b"content-length") {
-            for part in h.value.split(|b| *b == b',') {
-                // 1*DIGIT (RFC 9110 section 8.6): no sign, no spaces inside.
-                let digits = part.trim_ascii();
-                let value = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
-                    .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
-                    .flatten();
-                match (length_value, value) {
-                    (_, None) => return Err(malformed("invalid Content-Length")),
-                    (Some(seen), Some(value)) if seen != value => return Err(malformed("conflicting Content-Length")),
-                    (_, value) => length_value = value,
-                }
-            }
+            length = Some(content_length(h.value, length).ok_or_else(|| malformed("invalid Content-Length"))?);
         } else if name.eq_ignore_ascii_case(b"expect") {
             expects_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
@@ -294,7 +285,7 @@ fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, Head
     }
     // RFC 9112 section 6.3: a chunked body, or a length, or none; anything else could be read
     // differently by the upstream (request smuggling), so it is refused.
-    let body = match (transfer_encoded, length_value) {
+    let body = match (transfer_encoded, length) {
         (true, Some(_)) => return Err(malformed("both Transfer-Encoding and Content-Length")),
         (true, None) if version == Version::HTTP_10 => return Err(malformed("Transfer-Encoding in HTTP/1.0")),
         (true, None) if !chunked => return Err(malformed("Transfer-Encoding does not end in chunked")),
@@ -302,12 +293,11 @@ fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, Head
         (false, Some(0) | None) => BodyState::Done,
         (false, Some(length)) => BodyState::Length(length),
     };
-    if length > MAX_HEAD_BYTES {
+    if head_length > MAX_HEAD_BYTES {
         return Err(HeadError::TooLarge);
     }
-    // A `close` wins over a `keep-alive` (RFC 9112 section 9.6).
-    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive_asked);
-    let head = buffer.split_to(length).freeze();
+    let keep_alive = persistent(version, close, keep_alive);
+    let head = buffer.split_to(head_length).freeze();
     let uri =
         Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)).map_err(|e| malformed(&e.to_string()))?;
     let mut headers = HeaderMap::with_capacity(spans.len());
@@ -389,9 +379,11 @@ fn encode_response_head<B: Body>(
     let framing = if bodyless {
         ResponseFraming::None
     } else if transfer_encoded {
-        let chunked = headers.get_all(header::TRANSFER_ENCODING).iter().next_back().is_some_and(|v| {
-            v.as_bytes().rsplit(|b| *b == b',').next().is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-        });
+        let chunked = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .is_some_and(|v| ends_in_chunked(v.as_bytes()));
         if chunked { ResponseFraming::Chunked } else { ResponseFraming::UntilClose }
     } else if let Some(length) = length {
         ResponseFraming::Length(length)
@@ -595,8 +587,7 @@ pub async fn serve_connection<H, F, B>(
             BodyState::Done => ClientBody::empty(),
             _ => ClientBody { reader: Some(Arc::clone(&reader)) },
         };
-        let (parts, ()) = request.into_parts();
-        let mut answer = pin!(handler(Request::from_parts(parts, body), peer));
+        let mut answer = pin!(handler(request.map(|()| body), peer));
         let handled = poll_fn(|cx| {
             if let Poll::Ready(response) = answer.as_mut().poll(cx) {
                 return Poll::Ready(Some(response));
@@ -759,19 +750,8 @@ where
 
 /// Appends a chunk-size line: the size in hexadecimal, CRLF.
 fn put_chunk_size(out: &mut BytesMut, size: usize) {
-    let mut digits = [0u8; 2 * size_of::<usize>()];
-    let mut at = digits.len();
-    let mut rest = size;
-    loop {
-        at -= 1;
-        digits[at] = b"0123456789abcdef"[rest & 0xf];
-        rest >>= 4;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.put_slice(&digits[at..]);
-    out.put_slice(b"\r\n");
+    // Writing to a `BytesMut` cannot fail.
+    let _ = write!(out, "{size:x}\r\n");
 }
 
 #[cfg(test)]
