@@ -12,12 +12,18 @@
 # zeroed, BENCH_SECONDS (5) seconds of load at BENCH_CONNECTIONS (16), counters dumped; the
 # figure is the dump's instruction total over the requests wrk completed. Environment:
 #   BENCH_BASELINE (unset)   a git revision whose release build joins as "preagg-proxy --mode off @REV"
+#   BENCH_CACHE_SIM (unset)  1: callgrind also simulates the caches (--cache-sim=yes) and the report
+#                            gives first-level instruction and data misses per request: how much
+#                            code and data a request touches, which instruction counts do not show
+#                            (the simulated caches are the process's own: no other tenant evicts)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 seconds=${BENCH_SECONDS:-5}
 warmup=${BENCH_WARMUP:-2}
 connections=${BENCH_CONNECTIONS:-16}
+cache_sim=()
+[ "${BENCH_CACHE_SIM:-}" != 1 ] || cache_sim=(--cache-sim=yes)
 query="$bench/queries/passthrough.sql"
 
 fresh_work instructions
@@ -38,7 +44,8 @@ measure() {
     local name=$1 path=$2 port=$3 ready=$4 pid requests total i
     shift 4
     say "$path under callgrind"
-    valgrind --tool=callgrind --callgrind-out-file="$work/$name.callgrind" "$@" >"$work/$name.log" 2>&1 &
+    valgrind --tool=callgrind "${cache_sim[@]}" --callgrind-out-file="$work/$name.callgrind" "$@" \
+        >"$work/$name.log" 2>&1 &
     pid=$!
     pids+=("$pid")
     for i in $(seq 1 600); do
@@ -58,12 +65,15 @@ measure() {
         grep -qs '^totals:' "$work/$name.callgrind.1" && break
         sleep 0.2
     done
-    total=$(sed -n 's/^totals: *//p' "$work/$name.callgrind.1" | head -1)
+    # Ir, and with the cache simulation also Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+    local totals
+    totals=$(sed -n 's/^totals: *//p' "$work/$name.callgrind.1" | head -1)
+    total=${totals%% *}
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     [ "${requests:-0}" -gt 0 ] && [ -n "$total" ] || die "$path: no measurement"
     say "$path: $requests requests, $((total / requests)) instructions per request"
-    printf '%s\t%s\t%s\n' "$path" "$requests" "$total" >>"$results"
+    printf '%s\t%s\t%s\n' "$path" "$requests" "$(tr ' ' '\t' <<<"$totals")" >>"$results"
 }
 
 # The nginx hop as one process (no master), so that callgrind sees the worker; once loaded on
@@ -105,8 +115,17 @@ fi
     echo "- static upstream (nginx answering \`1\\n\` with ClickHouse's headers); nginx hop with one worker, no master"
     echo "- instructions of the hop's process in user space (libraries included, kernel not)"
     echo
-    echo "| path | requests counted | instructions / request | vs nginx |"
-    echo "|---|---:|---:|---:|"
-    awk -F'\t' '{ per = $3 / $2; if (NR == 1) base = per;
-        printf "| %s | %d | %d | %.2f× |\n", $1, $2, per, per / base }' "$results"
+    if [ "${#cache_sim[@]}" -eq 0 ]; then
+        echo "| path | requests counted | instructions / request | vs nginx |"
+        echo "|---|---:|---:|---:|"
+        awk -F'\t' '{ per = $3 / $2; if (NR == 1) base = per;
+            printf "| %s | %d | %d | %.2f× |\n", $1, $2, per, per / base }' "$results"
+    else
+        echo "- simulated caches: $(grep -h '^desc: I1' "$work"/*.callgrind.1 | head -1 | sed 's/^desc: //'); $(grep -h '^desc: D1' "$work"/*.callgrind.1 | head -1 | sed 's/^desc: //')"
+        echo
+        echo "| path | requests counted | instructions / request | vs nginx | L1i misses / request | L1d misses / request |"
+        echo "|---|---:|---:|---:|---:|---:|"
+        awk -F'\t' '{ per = $3 / $2; if (NR == 1) base = per;
+            printf "| %s | %d | %d | %.2f× | %d | %d |\n", $1, $2, per, per / base, $6 / $2, ($7 + $8) / $2 }' "$results"
+    fi
 } | tee "$work/report.md"

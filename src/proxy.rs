@@ -115,7 +115,7 @@ impl Proxy {
         let mut deferred = Deferred::default();
         let (mut response, outcome) = self.route(parts, body, &mut log.record, &mut deferred).await;
         if let Some(value) = outcome.header() {
-            response.headers_mut().insert(X_PREAGG.clone(), value);
+            forward::set_header(&mut response, X_PREAGG.clone(), value);
         }
         log.record.status = response.status().as_u16();
         log.record.outcome = outcome.label();

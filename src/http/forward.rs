@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
 use hyper_rustls::MaybeHttpsStream;
@@ -131,6 +131,17 @@ pub fn error_response(status: StatusCode, code: u32, name: &str, message: &str) 
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=UTF-8"));
     headers.insert("x-clickhouse-exception-code", HeaderValue::from(code));
     response
+}
+
+/// Sets a header of a response: among the upstream's fields (in place of one of that name) when
+/// it is an upstream answer, else in its header map.
+pub fn set_header<B>(response: &mut Response<B>, name: HeaderName, value: HeaderValue) {
+    match response.extensions_mut().get_mut::<h1::UpstreamFields>() {
+        Some(fields) => fields.set(&name, &value),
+        None => {
+            response.headers_mut().insert(name, value);
+        }
+    }
 }
 
 /// Keep-alive connections idle longer than this are closed rather than reused.
@@ -348,7 +359,7 @@ impl Upstream {
                     let mut response = Response::new(UpstreamBody { body, pool: Arc::clone(&self.pool) });
                     *response.status_mut() = head.status;
                     *response.version_mut() = head.version;
-                    *response.headers_mut() = head.headers;
+                    response.extensions_mut().insert(head.fields);
                     if let Some(reason) = head.reason {
                         response.extensions_mut().insert(reason);
                     }
@@ -581,6 +592,20 @@ mod tests {
         text(get(&second).await).await;
         text(get(&first).await).await;
         assert_eq!(accepted.load(SeqCst), 2);
+    }
+
+    #[test]
+    fn the_proxys_headers_replace_the_upstreams_own() {
+        let head = "HTTP/1.1 200 OK\r\nX-Preagg: forged\r\nContent-Length: 0\r\n\r\n";
+        let fields = h1::parse_response_head(&mut bytes::BytesMut::from(head), &Method::GET).unwrap().unwrap().fields;
+        let mut upstream = Response::new(());
+        upstream.extensions_mut().insert(fields);
+        set_header(&mut upstream, HeaderName::from_static("x-preagg"), HeaderValue::from_static("rewritten"));
+        assert!(upstream.headers().is_empty());
+        assert_eq!(upstream.extensions().get::<h1::UpstreamFields>().unwrap().lines(), b"x-preagg: rewritten\r\n");
+        let mut own = error_response(StatusCode::BAD_GATEWAY, 210, "NETWORK_ERROR", "down");
+        set_header(&mut own, HeaderName::from_static("x-preagg"), HeaderValue::from_static("passthrough"));
+        assert_eq!(own.headers()["x-preagg"], "passthrough");
     }
 
     #[test]

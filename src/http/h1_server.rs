@@ -37,7 +37,8 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::h1::{
-    ChunkedDecoder, ConnectionOption, Decoded, H1Error, connection_options, content_length, ends_in_chunked, persistent,
+    ChunkedDecoder, ConnectionOption, Decoded, H1Error, UpstreamFields, connection_options, content_length,
+    ends_in_chunked, persistent,
 };
 
 /// Most headers a request head may have (as hyper).
@@ -349,7 +350,12 @@ fn encode_response_head<B: Body>(
     }
     out.put_slice(b"\r\n");
     let headers = response.headers();
+    let upstream = response.extensions().get::<UpstreamFields>();
     let (mut length, mut transfer_encoded, mut dated) = (None, false, false);
+    if let Some(fields) = upstream {
+        out.put_slice(fields.lines());
+        dated = fields.dated();
+    }
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH {
             length = value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
@@ -371,6 +377,14 @@ fn encode_response_head<B: Body>(
         out.put_slice(b"date: ");
         put_date(out);
         out.put_slice(b"\r\n");
+    }
+    if let Some(upstream_length) = upstream.and_then(UpstreamFields::content_length)
+        && !headers.contains_key(header::CONTENT_LENGTH)
+    {
+        out.put_slice(b"content-length: ");
+        out.put_slice(itoa::Buffer::new().format(upstream_length).as_bytes());
+        out.put_slice(b"\r\n");
+        length = Some(upstream_length);
     }
     let bodyless = request_method == Method::HEAD
         || status.is_informational()
@@ -867,6 +881,45 @@ mod tests {
         assert!(head.starts_with("HTTP/1.1 599 Upstream Says\r\ncontent-length: 10\r\ndate: "), "{head}");
         assert!(head.ends_with(" GMT\r\nconnection: close\r\n\r\n"), "{head}");
         assert_eq!(framing, ResponseFraming::None);
+    }
+
+    fn upstream_fields(head: &str) -> UpstreamFields {
+        let head = super::super::h1::parse_response_head(&mut BytesMut::from(head), &Method::POST);
+        head.unwrap().unwrap().fields
+    }
+
+    #[test]
+    fn upstream_fields_go_out_as_they_came_before_the_proxys_own_headers() {
+        let fields = upstream_fields(
+            "HTTP/1.1 200 OK\r\nX-ClickHouse-Query-Id: q1\r\nContent-Length: 2\r\nDate: then\r\nKeep-Alive: timeout=10\r\n\r\n",
+        );
+        let mut answer = Response::new(Full::new(Bytes::from("1\n")));
+        answer.extensions_mut().insert(fields);
+        answer.headers_mut().insert("x-preagg", HeaderValue::from_static("passthrough"));
+        let (head, framing, keep) = encoded(&answer, Method::POST, Version::HTTP_11, true);
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nX-ClickHouse-Query-Id: q1\r\nDate: then\r\nx-preagg: passthrough\r\ncontent-length: 2\r\n\r\n"
+        );
+        assert_eq!((framing, keep), (ResponseFraming::Length(2), true));
+        // The upstream's length is the answer's also to HEAD; a chunked upstream body is passed
+        // on chunked, and a date is added when the upstream sent none.
+        let mut to_head = Response::new(Full::new(Bytes::new()));
+        to_head.extensions_mut().insert(upstream_fields("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"));
+        let (head, framing, _) = encoded(&to_head, Method::HEAD, Version::HTTP_11, true);
+        assert!(
+            head.starts_with("HTTP/1.1 200 OK\r\ndate: ") && head.ends_with(" GMT\r\ncontent-length: 10\r\n\r\n"),
+            "{head}"
+        );
+        assert_eq!(framing, ResponseFraming::None);
+        let mut chunked =
+            Response::new(StreamBody::new(futures_util::stream::empty::<Result<Frame<Bytes>, io::Error>>()));
+        chunked.extensions_mut().insert(upstream_fields(
+            "HTTP/1.1 200 OK\r\nDate: then\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        ));
+        let (head, framing, _) = encoded(&chunked, Method::POST, Version::HTTP_11, true);
+        assert_eq!(head, "HTTP/1.1 200 OK\r\nDate: then\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(framing, ResponseFraming::Chunked);
     }
 
     #[test]
