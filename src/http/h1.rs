@@ -343,7 +343,7 @@ impl UpstreamFields {
     }
 
     /// Each field's name and value.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.lines.split(|&b| b == b'\n').filter_map(|line| {
             let line = line.strip_suffix(b"\r")?;
             let colon = line.iter().position(|&b| b == b':')?;
@@ -352,12 +352,12 @@ impl UpstreamFields {
     }
 
     /// The value of the first field named `name` (any case).
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
+    fn get(&self, name: &str) -> Option<&[u8]> {
         self.iter().find(|(field, _)| field.eq_ignore_ascii_case(name.as_bytes())).map(|(_, value)| value)
     }
 
     /// Leaves out the fields named `name` (any case).
-    pub fn remove(&mut self, name: &str) {
+    fn remove(&mut self, name: &str) {
         if self.get(name).is_none() {
             return;
         }
@@ -495,7 +495,7 @@ pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opt
 
 /// What a [`ChunkedDecoder`] made of the bytes it was given.
 #[derive(Debug, PartialEq)]
-pub enum Decoded {
+enum Decoded {
     /// Body bytes.
     Data(Bytes),
     /// The trailer section (the body has ended).
@@ -524,7 +524,7 @@ pub enum ChunkedDecoder {
 
 impl ChunkedDecoder {
     /// Takes what it can from the front of `buffer`.
-    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Decoded, H1Error> {
+    fn decode(&mut self, buffer: &mut BytesMut) -> Result<Decoded, H1Error> {
         loop {
             match *self {
                 ChunkedDecoder::Size => match httparse::parse_chunk_size(buffer) {
@@ -709,13 +709,75 @@ pub struct Exchange<S> {
     pub body: ResponseBody<S>,
 }
 
-/// Where a response body is in its framing.
+/// Where a message body is in its framing: what is left of it, read from the front of the
+/// connection's buffer. Both sides of the wire decode with it (requests from clients, responses
+/// from the upstream).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyDecoder {
+pub enum BodyDecoder {
+    /// This many bytes are still to come.
     Length(u64),
+    /// A chunked body, as far as decoded.
     Chunked(ChunkedDecoder),
+    /// Everything until the connection closes (responses only).
     UntilClose,
+    /// Read to its end (or there was none).
     Done,
+}
+
+/// What a [`BodyDecoder`] took from its buffer.
+#[derive(Debug)]
+pub enum BodyPiece {
+    /// Data, or the trailers that end a chunked body.
+    Frame(Frame<Bytes>),
+    /// The body has ended.
+    End,
+    /// The buffer holds no more of the body: read more. (A body until close ends when the
+    /// connection does, which only its reader knows.)
+    NeedMore,
+}
+
+impl BodyDecoder {
+    /// Takes the next piece of the body from the front of `buffer`; once the body has ended the
+    /// decoder is [`BodyDecoder::Done`].
+    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<BodyPiece, H1Error> {
+        match self {
+            BodyDecoder::Done | BodyDecoder::Length(0) => {
+                *self = BodyDecoder::Done;
+                Ok(BodyPiece::End)
+            }
+            BodyDecoder::Length(_) | BodyDecoder::UntilClose if buffer.is_empty() => Ok(BodyPiece::NeedMore),
+            BodyDecoder::Length(left) => {
+                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(buffer.len());
+                *left -= take as u64;
+                if *left == 0 {
+                    *self = BodyDecoder::Done;
+                }
+                Ok(BodyPiece::Frame(Frame::data(buffer.split_to(take).freeze())))
+            }
+            BodyDecoder::UntilClose => Ok(BodyPiece::Frame(Frame::data(buffer.split().freeze()))),
+            BodyDecoder::Chunked(decoder) => match decoder.decode(buffer)? {
+                Decoded::Data(data) => Ok(BodyPiece::Frame(Frame::data(data))),
+                Decoded::NeedMore => Ok(BodyPiece::NeedMore),
+                Decoded::Trailers(trailers) => {
+                    *self = BodyDecoder::Done;
+                    Ok(BodyPiece::Frame(Frame::trailers(trailers)))
+                }
+                Decoded::End => {
+                    *self = BodyDecoder::Done;
+                    Ok(BodyPiece::End)
+                }
+            },
+        }
+    }
+
+    /// What is known of the size of the rest of the body.
+    pub fn size_hint(&self) -> SizeHint {
+        match self {
+            BodyDecoder::Length(left) => SizeHint::with_exact(*left),
+            BodyDecoder::Done => SizeHint::with_exact(0),
+            BodyDecoder::Chunked(_) | BodyDecoder::UntilClose => SizeHint::default(),
+        }
+    }
 }
 
 /// A response body read from its connection as it is polled.
@@ -744,39 +806,13 @@ impl<S: AsyncRead + Unpin> Body for ResponseBody<S> {
         let this = &mut *self;
         loop {
             let Some(connection) = this.connection.as_mut() else { return Poll::Ready(None) };
-            let buffer = &mut connection.buffer;
-            match &mut this.decoder {
-                BodyDecoder::Done => return Poll::Ready(None),
-                BodyDecoder::Length(left) => {
-                    if !buffer.is_empty() {
-                        let take = usize::try_from(*left).unwrap_or(usize::MAX).min(buffer.len());
-                        *left -= take as u64;
-                        if *left == 0 {
-                            this.decoder = BodyDecoder::Done;
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(buffer.split_to(take).freeze()))));
-                    }
-                }
-                BodyDecoder::Chunked(decoder) => match decoder.decode(buffer) {
-                    Err(error) => {
-                        this.connection = None;
-                        return Poll::Ready(Some(Err(error)));
-                    }
-                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Decoded::Trailers(trailers)) => {
-                        this.decoder = BodyDecoder::Done;
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                    }
-                    Ok(Decoded::End) => {
-                        this.decoder = BodyDecoder::Done;
-                        return Poll::Ready(None);
-                    }
-                    Ok(Decoded::NeedMore) => {}
-                },
-                BodyDecoder::UntilClose => {
-                    if !buffer.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(buffer.split().freeze()))));
-                    }
+            match this.decoder.decode(&mut connection.buffer) {
+                Ok(BodyPiece::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(BodyPiece::End) => return Poll::Ready(None),
+                Ok(BodyPiece::NeedMore) => {}
+                Err(error) => {
+                    this.connection = None;
+                    return Poll::Ready(Some(Err(error)));
                 }
             }
             match ready!(connection.poll_read(cx)) {
@@ -803,11 +839,7 @@ impl<S: AsyncRead + Unpin> Body for ResponseBody<S> {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decoder {
-            BodyDecoder::Length(left) => SizeHint::with_exact(left),
-            BodyDecoder::Done => SizeHint::with_exact(0),
-            BodyDecoder::Chunked(_) | BodyDecoder::UntilClose => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
 
@@ -995,6 +1027,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn body_decoders_take_their_body_and_no_more_then_are_done() {
+        let data = |piece: BodyPiece| match piece {
+            BodyPiece::Frame(frame) => frame.into_data().unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let mut buffer = BytesMut::from("hel");
+        let mut length = BodyDecoder::Length(5);
+        assert_eq!(data(length.decode(&mut buffer).unwrap()), "hel");
+        assert!(matches!(length.decode(&mut buffer), Ok(BodyPiece::NeedMore)));
+        assert_eq!(length.size_hint().exact(), Some(2));
+        buffer.extend_from_slice(b"loNEXT");
+        assert_eq!(data(length.decode(&mut buffer).unwrap()), "lo");
+        assert_eq!((length, &buffer[..]), (BodyDecoder::Done, &b"NEXT"[..]), "the next message stays");
+        assert!(matches!(length.decode(&mut buffer), Ok(BodyPiece::End)));
+
+        let mut until_close = BodyDecoder::UntilClose;
+        assert_eq!(data(until_close.decode(&mut buffer).unwrap()), "NEXT");
+        assert!(matches!(until_close.decode(&mut buffer), Ok(BodyPiece::NeedMore)));
+
+        let mut chunked = BodyDecoder::Chunked(ChunkedDecoder::default());
+        let mut buffer = BytesMut::from("2\r\nab\r\n0\r\nX-T: 1\r\n\r\n");
+        assert_eq!(data(chunked.decode(&mut buffer).unwrap()), "ab");
+        match chunked.decode(&mut buffer).unwrap() {
+            BodyPiece::Frame(frame) => assert_eq!(frame.into_trailers().unwrap()["x-t"], "1"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(chunked, BodyDecoder::Done, "trailers end the body");
+        assert!(BodyDecoder::Chunked(ChunkedDecoder::default()).decode(&mut BytesMut::from("zz\r\n")).is_err());
     }
 
     #[test]

@@ -37,8 +37,8 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::h1::{
-    ChunkedDecoder, ConnectionOption, Decoded, H1Error, UpstreamFields, connection_options, content_length,
-    ends_in_chunked, persistent,
+    BodyDecoder, BodyPiece, ChunkedDecoder, ConnectionOption, H1Error, UpstreamFields, connection_options,
+    content_length, ends_in_chunked, persistent,
 };
 
 /// Most headers a request head may have (as hyper).
@@ -78,25 +78,16 @@ pub enum ClientBodyError {
     Failed,
 }
 
-/// How far a request body has been read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyState {
-    /// This many bytes are still to come.
-    Length(u64),
-    /// A chunked body, as far as decoded.
-    Chunked(ChunkedDecoder),
-    /// Read to its end (or there was none): the next bytes are the next request.
-    Done,
-    /// Reading it failed; the connection cannot carry another request.
-    Failed,
-}
-
 /// The reading side of a connection, shared by the connection (heads, hang-up watch) and the
 /// body of the request in progress. Both run on the connection's task: the lock is uncontended.
 struct Reader {
     io: OwnedReadHalf,
     buffer: BytesMut,
-    body: BodyState,
+    /// The request body in progress; once [`BodyDecoder::Done`], the next bytes are the next
+    /// request.
+    body: BodyDecoder,
+    /// Reading the body failed (it is then never done: the connection carries no other request).
+    body_failed: bool,
     /// How much of the buffer was searched for the end of a request head without finding it.
     scanned: usize,
 }
@@ -112,49 +103,27 @@ impl Reader {
 
     /// The next piece of the request body.
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        if self.body_failed {
+            return Poll::Ready(Some(Err(ClientBodyError::Failed)));
+        }
         loop {
-            match &mut self.body {
-                BodyState::Done => return Poll::Ready(None),
-                BodyState::Failed => return Poll::Ready(Some(Err(ClientBodyError::Failed))),
-                BodyState::Length(0) => {
-                    self.body = BodyState::Done;
-                    return Poll::Ready(None);
+            match self.body.decode(&mut self.buffer) {
+                Ok(BodyPiece::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(BodyPiece::End) => return Poll::Ready(None),
+                Ok(BodyPiece::NeedMore) => {}
+                Err(error) => {
+                    self.body_failed = true;
+                    return Poll::Ready(Some(Err(ClientBodyError::Chunked(error))));
                 }
-                BodyState::Length(left) => {
-                    if !self.buffer.is_empty() {
-                        let take = usize::try_from(*left).unwrap_or(usize::MAX).min(self.buffer.len());
-                        *left -= take as u64;
-                        if *left == 0 {
-                            self.body = BodyState::Done;
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(self.buffer.split_to(take).freeze()))));
-                    }
-                }
-                BodyState::Chunked(decoder) => match decoder.decode(&mut self.buffer) {
-                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Decoded::Trailers(trailers)) => {
-                        self.body = BodyState::Done;
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                    }
-                    Ok(Decoded::End) => {
-                        self.body = BodyState::Done;
-                        return Poll::Ready(None);
-                    }
-                    Ok(Decoded::NeedMore) => {}
-                    Err(error) => {
-                        self.body = BodyState::Failed;
-                        return Poll::Ready(Some(Err(ClientBodyError::Chunked(error))));
-                    }
-                },
             }
             match ready!(self.poll_fill(cx)) {
                 Ok(0) => {
-                    self.body = BodyState::Failed;
+                    self.body_failed = true;
                     return Poll::Ready(Some(Err(ClientBodyError::Incomplete)));
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    self.body = BodyState::Failed;
+                    self.body_failed = true;
                     return Poll::Ready(Some(Err(ClientBodyError::Io(error))));
                 }
             }
@@ -166,7 +135,7 @@ impl Reader {
     /// business) and until the next request begins to arrive: a client that pipelines requests
     /// and then closes its sending side is still answered, as hyper did.
     fn poll_hang_up(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.body != BodyState::Done {
+        if self.body != BodyDecoder::Done {
             return Poll::Pending;
         }
         while self.buffer.is_empty() {
@@ -210,15 +179,13 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.reader.as_ref().is_none_or(|reader| lock(reader).body == BodyState::Done)
+        self.reader.as_ref().is_none_or(|reader| lock(reader).body == BodyDecoder::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.reader.as_ref().map(|reader| lock(reader).body) {
-            None | Some(BodyState::Done) => SizeHint::with_exact(0),
-            Some(BodyState::Length(left)) => SizeHint::with_exact(left),
-            Some(_) => SizeHint::default(),
-        }
+        let Some(reader) = self.reader.as_ref() else { return SizeHint::with_exact(0) };
+        let reader = lock(reader);
+        if reader.body_failed { SizeHint::default() } else { reader.body.size_hint() }
     }
 }
 
@@ -235,7 +202,7 @@ enum HeadError {
 #[derive(Debug)]
 struct RequestHead {
     request: Request<()>,
-    body: BodyState,
+    body: BodyDecoder,
     keep_alive: bool,
     expects_continue: bool,
 }
@@ -290,9 +257,9 @@ fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, Head
         (true, Some(_)) => return Err(malformed("both Transfer-Encoding and Content-Length")),
         (true, None) if version == Version::HTTP_10 => return Err(malformed("Transfer-Encoding in HTTP/1.0")),
         (true, None) if !chunked => return Err(malformed("Transfer-Encoding does not end in chunked")),
-        (true, None) => BodyState::Chunked(ChunkedDecoder::default()),
-        (false, Some(0) | None) => BodyState::Done,
-        (false, Some(length)) => BodyState::Length(length),
+        (true, None) => BodyDecoder::Chunked(ChunkedDecoder::default()),
+        (false, Some(0) | None) => BodyDecoder::Done,
+        (false, Some(length)) => BodyDecoder::Length(length),
     };
     if head_length > MAX_HEAD_BYTES {
         return Err(HeadError::TooLarge);
@@ -315,7 +282,7 @@ fn parse_request_head(buffer: &mut BytesMut) -> Result<Option<RequestHead>, Head
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
-    let expects_continue = expects_continue && version == Version::HTTP_11 && body != BodyState::Done;
+    let expects_continue = expects_continue && version == Version::HTTP_11 && body != BodyDecoder::Done;
     Ok(Some(RequestHead { request, body, keep_alive, expects_continue }))
 }
 
@@ -572,7 +539,7 @@ pub async fn serve_connection<H, F, B>(
 {
     let (read, mut write) = stream.into_split();
     let buffer = BytesMut::with_capacity(READ_BYTES);
-    let reader = Mutex::new(Reader { io: read, buffer, body: BodyState::Done, scanned: 0 });
+    let reader = Mutex::new(Reader { io: read, buffer, body: BodyDecoder::Done, body_failed: false, scanned: 0 });
     let reader = Arc::new(reader);
     let mut first_head_deadline = pin!(tokio::time::sleep(first_head_timeout));
     let mut shutdown_requested = pin!(shutdown.clone().cancelled_owned());
@@ -600,7 +567,7 @@ pub async fn serve_connection<H, F, B>(
         let method = request.method().clone();
         let version = request.version();
         let body = match body {
-            BodyState::Done => ClientBody::empty(),
+            BodyDecoder::Done => ClientBody::empty(),
             _ => ClientBody { reader: Some(Arc::clone(&reader)) },
         };
         let mut answer = pin!(handler(request.map(|()| body), peer));
@@ -625,7 +592,7 @@ pub async fn serve_connection<H, F, B>(
             return;
         }
         // A request body not read to its end leaves the connection mid-request.
-        let body_read = lock(&reader).body == BodyState::Done;
+        let body_read = lock(&reader).body == BodyDecoder::Done;
         if !keep_alive || !body_read {
             close(write, &reader).await;
             return;
@@ -642,7 +609,7 @@ const DRAIN_BYTES: usize = 256 * 1024;
 /// read and dropped. The answer then says `Connection: close`: the connection is mid-request.
 fn body_left_unread(reader: &Arc<Mutex<Reader>>) -> bool {
     let mut guard = lock(reader);
-    if guard.body == BodyState::Done || Arc::strong_count(reader) > 1 {
+    if guard.body == BodyDecoder::Done || Arc::strong_count(reader) > 1 {
         return false;
     }
     let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -653,7 +620,7 @@ fn body_left_unread(reader: &Arc<Mutex<Reader>>) -> bool {
             _ => break,
         }
     }
-    guard.body != BodyState::Done
+    guard.body != BodyDecoder::Done
 }
 
 /// Why a response body could not be sent whole.
@@ -803,7 +770,7 @@ mod tests {
         assert_eq!(head.request.uri(), "/?query=SELECT%201");
         let values: Vec<_> = head.request.headers().get_all("x-a").iter().collect();
         assert_eq!(values, ["1", "2"]);
-        assert_eq!((head.body, head.keep_alive, head.expects_continue), (BodyState::Length(5), true, false));
+        assert_eq!((head.body, head.keep_alive, head.expects_continue), (BodyDecoder::Length(5), true, false));
         // Forwarding sets `Host` without growing the map (a reallocation and a rehash).
         let mut wrk =
             parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Type: t\r\nContent-Length: 0\r\n\r\n").unwrap().unwrap();
@@ -814,7 +781,7 @@ mod tests {
 
         let head = parse("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nExpect: 100-continue\r\n\r\n");
         let head = head.unwrap().unwrap();
-        assert_eq!(head.body, BodyState::Chunked(ChunkedDecoder::default()));
+        assert_eq!(head.body, BodyDecoder::Chunked(ChunkedDecoder::default()));
         assert!(head.expects_continue);
         // No body: nothing to continue with.
         assert!(!parse("GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").unwrap().unwrap().expects_continue);
@@ -822,7 +789,7 @@ mod tests {
         // A zero length is no body: nothing to wait for, nothing to continue with.
         let head = parse("POST / HTTP/1.1\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n");
         let head = head.unwrap().unwrap();
-        assert_eq!((head.body, head.expects_continue), (BodyState::Done, false));
+        assert_eq!((head.body, head.expects_continue), (BodyDecoder::Done, false));
 
         let keep = |text: &str| parse(text).unwrap().unwrap().keep_alive;
         assert!(!keep("GET / HTTP/1.1\r\nConnection: close, keep-alive\r\n\r\n"), "close wins");
@@ -844,7 +811,7 @@ mod tests {
         malformed("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n");
         // The same length twice is one length.
         let head = parse("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n").unwrap().unwrap();
-        assert_eq!(head.body, BodyState::Length(5));
+        assert_eq!(head.body, BodyDecoder::Length(5));
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
         assert_eq!(parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(), Some(HeadError::TooLarge));
         let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD_BYTES));
@@ -950,10 +917,11 @@ mod tests {
     }
 
     /// A server on a free port whose handler echoes the method, path and body; `/never` never
-    /// answers and `/stalls` never ends its body (each reports being dropped on `dropped`),
+    /// answers and `/stalls` never ends its body (each reports being dropped, see [`EchoServer`]),
     /// `/broken` answers with a chunked body that fails after its first piece, `/ignores`
     /// answers without reading the request body, `/slow` echoes after 50 ms.
-    async fn echo_server(dropped: tokio::sync::mpsc::UnboundedSender<()>) -> (SocketAddr, CancellationToken) {
+    async fn echo_server() -> EchoServer {
+        let (dropped, reports) = tokio::sync::mpsc::unbounded_channel();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -1004,7 +972,22 @@ mod tests {
                 tokio::spawn(serve_connection(stream, peer, handler, closing.clone(), Duration::from_secs(10)));
             }
         });
-        (address, shutdown)
+        EchoServer { address, shutdown, reports }
+    }
+
+    /// A running [`echo_server`].
+    struct EchoServer {
+        address: SocketAddr,
+        /// Cancelled: the server shuts down gracefully.
+        shutdown: CancellationToken,
+        /// One message per handler or body of `/never` and `/stalls` dropped.
+        reports: tokio::sync::mpsc::UnboundedReceiver<()>,
+    }
+
+    impl EchoServer {
+        async fn connect(&self) -> TcpStream {
+            TcpStream::connect(self.address).await.unwrap()
+        }
     }
 
     async fn read_until(stream: &mut TcpStream, end: &str) -> String {
@@ -1022,9 +1005,8 @@ mod tests {
 
     #[tokio::test]
     async fn pipelined_chunked_and_continued_requests_are_answered_in_order() {
-        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
-        let (address, _shutdown) = echo_server(dropped).await;
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let server = echo_server().await;
+        let mut client = server.connect().await;
         client
             .write_all(
                 b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nonePOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -1046,36 +1028,34 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_hangs_up_cancels_its_request() {
-        let (dropped, mut reports) = tokio::sync::mpsc::unbounded_channel();
-        let (address, _shutdown) = echo_server(dropped).await;
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let mut server = echo_server().await;
+        let mut client = server.connect().await;
         client.write_all(b"GET /never HTTP/1.1\r\n\r\n").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(reports.try_recv().is_err(), "the request is still being handled");
+        assert!(server.reports.try_recv().is_err(), "the request is still being handled");
         drop(client);
-        tokio::time::timeout(Duration::from_secs(5), reports.recv()).await.expect("the handler was dropped");
+        tokio::time::timeout(Duration::from_secs(5), server.reports.recv()).await.expect("the handler was dropped");
 
         // The same while the body is awaited after the head went out.
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let mut client = server.connect().await;
         client.write_all(b"GET /stalls HTTP/1.1\r\n\r\n").await.unwrap();
         assert!(read_until(&mut client, "first").await.starts_with("HTTP/1.1 200 OK\r\n"));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(reports.try_recv().is_err(), "the body is still awaited");
+        assert!(server.reports.try_recv().is_err(), "the body is still awaited");
         drop(client);
-        tokio::time::timeout(Duration::from_secs(5), reports.recv()).await.expect("the body was dropped");
+        tokio::time::timeout(Duration::from_secs(5), server.reports.recv()).await.expect("the body was dropped");
     }
 
     #[tokio::test]
     async fn a_failed_body_is_cut_short_and_an_unread_one_is_dropped_or_closes_the_connection() {
-        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
-        let (address, _shutdown) = echo_server(dropped).await;
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let server = echo_server().await;
+        let mut client = server.connect().await;
         client.write_all(b"GET /broken HTTP/1.1\r\n\r\n").await.unwrap();
         let answer = read_until(&mut client, "\u{0}never").await;
         assert!(answer.ends_with("5\r\nfirst\r\n"), "no last chunk after a failure: {answer:?}");
 
         // A body the handler left unread: what has come is dropped and the connection kept...
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let mut client = server.connect().await;
         client.write_all(b"POST /ignores HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").await.unwrap();
         let answer = read_until(&mut client, "ignored").await;
         assert!(!answer.contains("connection: close"), "{answer}");
@@ -1083,7 +1063,7 @@ mod tests {
         assert!(read_until(&mut client, "GET /next ").await.starts_with("HTTP/1.1 200 OK\r\n"));
         // ...unless more is still to come: then the answer says so and the connection ends,
         // the answer whole although the client is still sending.
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let mut client = server.connect().await;
         client.write_all(b"POST /ignores HTTP/1.1\r\nContent-Length: 100000\r\n\r\npartial").await.unwrap();
         let answer = read_until(&mut client, "\u{0}never").await;
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
@@ -1092,9 +1072,8 @@ mod tests {
 
     #[tokio::test]
     async fn pipelined_requests_sent_before_a_half_close_are_all_answered() {
-        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
-        let (address, _shutdown) = echo_server(dropped).await;
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let server = echo_server().await;
+        let mut client = server.connect().await;
         client.write_all(b"GET /slow HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n").await.unwrap();
         client.shutdown().await.unwrap();
         let answers = read_until(&mut client, "\u{0}never").await;
@@ -1103,26 +1082,24 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_gets_a_clickhouse_style_400_and_graceful_shutdown_closes_idle_connections() {
-        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
-        let (address, shutdown) = echo_server(dropped).await;
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let server = echo_server().await;
+        let mut client = server.connect().await;
         client.write_all(b"THIS IS NOT HTTP\r\n\r\n").await.unwrap();
         let answer = read_until(&mut client, "\u{0}never").await;
         assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
         assert!(answer.contains("Code: 1001. DB::Exception: preagg-proxy: malformed HTTP request"), "{answer}");
 
-        let mut idle = TcpStream::connect(address).await.unwrap();
+        let mut idle = server.connect().await;
         idle.write_all(b"GET /a HTTP/1.1\r\n\r\n").await.unwrap();
         assert!(read_until(&mut idle, "GET /a ").await.starts_with("HTTP/1.1 200"));
-        shutdown.cancel();
+        server.shutdown.cancel();
         assert_eq!(read_until(&mut idle, "\u{0}never").await, "", "closed without another answer");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_first_head_trickling_in_gets_the_timeout_for_all_of_it() {
-        let (dropped, _) = tokio::sync::mpsc::unbounded_channel();
-        let (address, _shutdown) = echo_server(dropped).await;
-        let mut client = TcpStream::connect(address).await.unwrap();
+        let server = echo_server().await;
+        let mut client = server.connect().await;
         let started = tokio::time::Instant::now();
         let mut piece = [0u8; 64];
         for byte in b"GET /ping HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
