@@ -27,13 +27,20 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
-# Installs nginx and wrk from Debian when missing, and builds the proxy (release).
+# Installs nginx and wrk from Debian when missing, and builds the proxy (release), unless
+# BENCH_PROXY_BIN names a preagg-proxy binary to measure instead (a build that is not a git
+# revision, such as this tree with another allocator).
 prerequisites() {
     local missing=()
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
     command -v wrk >/dev/null || missing+=(wrk)
     [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
     NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+    if [ -n "${BENCH_PROXY_BIN:-}" ]; then
+        [ -x "$BENCH_PROXY_BIN" ] || die "BENCH_PROXY_BIN is not an executable: $BENCH_PROXY_BIN"
+        PROXY_BIN=$(realpath "$BENCH_PROXY_BIN")
+        return
+    fi
     say "Building preagg-proxy (release)"
     (cd "$repo" && cargo build --release --locked --quiet)
     PROXY_BIN="$repo/target/release/preagg-proxy"
@@ -230,7 +237,10 @@ machine_facts() {
     printf -- '- machine: %s, %s cores (nproc), %s MB RAM, %s\n' \
         "$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)" "$(nproc)" \
         "$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)" "$(uname -sr)"
-    printf -- '- %s; %s; preagg-proxy %s (release, commit %s)\n' "$("$NGINX" -v 2>&1)" \
+    local build
+    build="commit $(git -C "$repo" rev-parse --short HEAD)"
+    [ -z "${BENCH_PROXY_BIN:-}" ] || build="BENCH_PROXY_BIN=$BENCH_PROXY_BIN, tree at $build"
+    printf -- '- %s; %s; preagg-proxy %s (release, %s)\n' "$("$NGINX" -v 2>&1)" \
         "$(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)" "$("$PROXY_BIN" --version 2>/dev/null | awk '{ print $NF }')" \
-        "$(git -C "$repo" rev-parse --short HEAD)"
+        "$build"
 }

@@ -12,11 +12,6 @@ use preagg_proxy::config::{Config, SettingsArgs};
 use preagg_proxy::preagg::store::{JobFilter, Store};
 use preagg_proxy::{app, explain, preagg, sql};
 
-/// mimalloc: a request allocates and frees many small buffers and header values, on the thread
-/// that serves it; glibc's allocator spent about 15 % of the pass-through CPU on them.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A transparent ClickHouse HTTP proxy that serves experiment exposure subqueries from
 /// preaggregated windows.
 #[derive(Parser)]

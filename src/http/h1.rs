@@ -37,8 +37,8 @@ const MAX_HEAD_BYTES: usize = 400 * 1024;
 const MAX_CHUNK_LINE_BYTES: usize = 4096;
 const MAX_TRAILER_BYTES: usize = 64 * 1024;
 
-/// Room made in the read buffer before a read: at first (most answers fit, and mimalloc serves
-/// this size from its small pages), and at most (a long answer read after a full read).
+/// Room made in the read buffer before a read: at first (most answers fit), and at most (a long
+/// answer read after a full read).
 const FIRST_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
 

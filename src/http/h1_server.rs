@@ -162,7 +162,7 @@ pub struct ClientBody {
 
 impl ClientBody {
     /// A body with nothing in it.
-    fn empty() -> ClientBody {
+    pub(crate) fn empty() -> ClientBody {
         ClientBody { reader: None }
     }
 }

@@ -210,13 +210,7 @@ pub fn decode_body(raw: &[u8], encoding: Option<&str>, cap: usize) -> Result<Vec
     };
     let decode_error =
         |e: std::io::Error| RequestError::Decode { encoding: encoding.to_string(), message: e.to_string() };
-    let reader: Box<dyn Read + '_> = match encoding {
-        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(raw)),
-        "deflate" => Box::new(flate2::read::ZlibDecoder::new(raw)),
-        "zstd" => Box::new(zstd::stream::read::Decoder::new(raw).map_err(decode_error)?),
-        "br" => Box::new(brotli::Decompressor::new(raw, 64 * 1024)),
-        other => return Err(RequestError::UnknownEncoding(other.to_string())),
-    };
+    let reader = decoder(raw, encoding)?;
     let mut out = Vec::new();
     reader.take(cap as u64 + 1).read_to_end(&mut out).map_err(decode_error)?;
     if out.len() > cap {
@@ -228,16 +222,11 @@ pub fn decode_body(raw: &[u8], encoding: Option<&str>, cap: usize) -> Result<Vec
 /// Decodes as much of a body prefix as possible (for a body too large to read whole), to see
 /// whether it starts an INSERT. Errors from the truncated stream are expected and ignored.
 pub fn decode_prefix(raw: &[u8], encoding: Option<&str>, limit: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let reader: Option<Box<dyn Read + '_>> = match encoding {
-        None => return raw[..raw.len().min(limit)].to_vec(),
-        Some("gzip") | Some("x-gzip") => Some(Box::new(flate2::read::MultiGzDecoder::new(raw))),
-        Some("deflate") => Some(Box::new(flate2::read::ZlibDecoder::new(raw))),
-        Some("zstd") => zstd::stream::read::Decoder::new(raw).ok().map(|d| Box::new(d) as Box<dyn Read>),
-        Some("br") => Some(Box::new(brotli::Decompressor::new(raw, 64 * 1024))),
-        Some(_) => None,
+    let Some(encoding) = encoding else {
+        return raw[..raw.len().min(limit)].to_vec();
     };
-    if let Some(mut reader) = reader {
+    let mut out = Vec::new();
+    if let Ok(mut reader) = decoder(raw, encoding) {
         let mut buf = [0u8; 4096];
         while out.len() < limit {
             match reader.read(&mut buf) {
@@ -248,6 +237,23 @@ pub fn decode_prefix(raw: &[u8], encoding: Option<&str>, limit: usize) -> Vec<u8
     }
     out.truncate(limit);
     out
+}
+
+/// A reader of `raw` decoded under `encoding`. Never inlined: the decoders' states are built on
+/// the stack before they are boxed (brotli's alone is tens of kilobytes), and a caller that
+/// inlined this would carry that frame, and touch its pages, on every request, compressed or not.
+#[inline(never)]
+fn decoder<'a>(raw: &'a [u8], encoding: &str) -> Result<Box<dyn Read + 'a>, RequestError> {
+    Ok(match encoding {
+        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(raw)),
+        "deflate" => Box::new(flate2::read::ZlibDecoder::new(raw)),
+        "zstd" => Box::new(
+            zstd::stream::read::Decoder::new(raw)
+                .map_err(|e| RequestError::Decode { encoding: encoding.to_string(), message: e.to_string() })?,
+        ),
+        "br" => Box::new(brotli::Decompressor::new(raw, 64 * 1024)),
+        other => return Err(RequestError::UnknownEncoding(other.to_string())),
+    })
 }
 
 #[cfg(test)]

@@ -138,6 +138,9 @@ pub struct Deferred(Vec<(tokio::runtime::Handle, BuildTask)>);
 /// A build waiting to be started.
 type BuildTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
+/// One occurrence being served ([`Engine::serve`]), boxed: its replacement text and plan, or why not.
+type Serving<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(String, Plan), Reason>> + Send + 'a>>;
+
 impl Deferred {
     fn push(&mut self, runtime: &tokio::runtime::Handle, build: impl Future<Output = ()> + Send + 'static) {
         self.0.push((runtime.clone(), Box::pin(build)));
@@ -348,7 +351,7 @@ impl Engine {
                 reasons.push(Reason::ModeOff);
                 continue;
             }
-            match self.serve(found, &analysis, &context, &text, mode == Mode::Shadow, deferred).await {
+            match self.serve_boxed(found, &analysis, &context, &text, mode == Mode::Shadow, deferred).await {
                 Ok((replacement, plan)) => {
                     edits.push(Edit::new(found.occurrence.body.clone(), replacement));
                     if !rules.contains(&found.rule.name) {
@@ -381,6 +384,24 @@ impl Engine {
             summary,
             shadow,
         }
+    }
+
+    /// [`serve`](Self::serve) in an allocation of its own. Its future is tens of kilobytes (the
+    /// plan, the build, the job store's and ClickHouse's calls); held inline it would make every
+    /// request's future that large, and the stack frame that creates it would be part of every
+    /// poll of every connection, experiment query or not (a frame that size is probed page by
+    /// page, 4 KiB apart, on each call). Not inlined, so that the frame stays here.
+    #[inline(never)]
+    fn serve_boxed<'a>(
+        self: &'a Arc<Self>,
+        found: &'a Found,
+        analysis: &'a Analysis,
+        context: &'a QueryContext,
+        text: &'a Arc<str>,
+        shadowed: bool,
+        deferred: &'a mut Deferred,
+    ) -> Serving<'a> {
+        Box::pin(self.serve(found, analysis, context, text, shadowed, deferred))
     }
 
     /// Plans one occurrence, starts builds for what is missing, and produces its replacement. A
