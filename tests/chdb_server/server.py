@@ -852,6 +852,11 @@ class RequestLog:
 
 class ChdbHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # The listen backlog. socketserver's default is 5: a burst of new connections (a proxy
+    # opening 48 at once when 64 clients arrive) overflowed it, and the connects dropped in
+    # the meantime waited out TCP's retransmission (1 s, 3 s, ...) while queries held the
+    # interpreter. ClickHouse listens with a backlog of 4096 (listen_backlog).
+    request_queue_size = 4096
 
     def __init__(self, address, engine: Engine, request_log: RequestLog, auth: Optional[Tuple[str, str]],
                  threads: int, tls: Optional[ssl.SSLContext] = None):
