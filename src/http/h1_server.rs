@@ -718,6 +718,9 @@ where
             out.clear();
         }
     }
+    // The body has ended: dropped before its last bytes go out, so that what its end records
+    // (the access line, the in-flight gauge) is done by the time the client has the whole answer.
+    drop(body);
     if framing == ResponseFraming::Chunked {
         out.put_slice(b"0\r\n\r\n");
     }
