@@ -32,6 +32,13 @@ pub enum RequestError {
     NotUtf8,
 }
 
+impl RequestError {
+    /// The body could not be decoded under `encoding`.
+    fn decode(encoding: &str, error: std::io::Error) -> RequestError {
+        RequestError::Decode { encoding: encoding.to_string(), message: error.to_string() }
+    }
+}
+
 /// What kind of statement a query text starts with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -208,11 +215,9 @@ pub fn decode_body(raw: &[u8], encoding: Option<&str>, cap: usize) -> Result<Vec
     let Some(encoding) = encoding else {
         return Ok(raw.to_vec());
     };
-    let decode_error =
-        |e: std::io::Error| RequestError::Decode { encoding: encoding.to_string(), message: e.to_string() };
     let reader = decoder(raw, encoding)?;
     let mut out = Vec::new();
-    reader.take(cap as u64 + 1).read_to_end(&mut out).map_err(decode_error)?;
+    reader.take(cap as u64 + 1).read_to_end(&mut out).map_err(|e| RequestError::decode(encoding, e))?;
     if out.len() > cap {
         return Err(RequestError::TooLarge(cap));
     }
@@ -247,10 +252,7 @@ fn decoder<'a>(raw: &'a [u8], encoding: &str) -> Result<Box<dyn Read + 'a>, Requ
     Ok(match encoding {
         "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(raw)),
         "deflate" => Box::new(flate2::read::ZlibDecoder::new(raw)),
-        "zstd" => Box::new(
-            zstd::stream::read::Decoder::new(raw)
-                .map_err(|e| RequestError::Decode { encoding: encoding.to_string(), message: e.to_string() })?,
-        ),
+        "zstd" => Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| RequestError::decode(encoding, e))?),
         "br" => Box::new(brotli::Decompressor::new(raw, 64 * 1024)),
         other => return Err(RequestError::UnknownEncoding(other.to_string())),
     })

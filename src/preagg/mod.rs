@@ -138,9 +138,6 @@ pub struct Deferred(Vec<(tokio::runtime::Handle, BuildTask)>);
 /// A build waiting to be started.
 type BuildTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// One occurrence being served ([`Engine::serve`]), boxed: its replacement text and plan, or why not.
-type Serving<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(String, Plan), Reason>> + Send + 'a>>;
-
 impl Deferred {
     fn push(&mut self, runtime: &tokio::runtime::Handle, build: impl Future<Output = ()> + Send + 'static) {
         self.0.push((runtime.clone(), Box::pin(build)));
@@ -204,6 +201,9 @@ pub struct Engine {
 /// After a job store failure, lookups are not tried again for this long: queries pass through at
 /// once instead of each waiting for the store.
 const STORE_BACKOFF: i64 = 5_000_000;
+
+/// One occurrence being served ([`Engine::serve`]), boxed: its replacement text and plan, or why not.
+type Serving<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(String, Plan), Reason>> + Send + 'a>>;
 
 impl Engine {
     /// An engine over a connected store and ClickHouse client. Called within the tokio runtime
