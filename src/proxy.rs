@@ -119,7 +119,8 @@ impl Proxy {
         }
         log.record.status = response.status().as_u16();
         log.record.outcome = outcome.label();
-        log.on_finish(move || deferred.start());
+        // The log holds the builds until the request is done; they start when it lets go of them.
+        log.on_finish(move || drop(deferred));
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, log.into_body(body))
     }

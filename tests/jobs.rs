@@ -52,6 +52,19 @@ fn addr(url: &str) -> SocketAddr {
     url.trim_start_matches("http://").parse().unwrap()
 }
 
+/// A ready proxy whose own ClickHouse calls (DDL, builds) go through a relay, into a database of
+/// their own; client queries go straight to the server.
+async fn builds_through_a_relay(database: &str, settings: &[(&str, &str)]) -> (Relay, ProxyProcess) {
+    let relay = Relay::start(addr(&SERVER.url())).await;
+    exec(&SERVER.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
+    let clickhouse = relay.url("http");
+    let mut settings = settings.to_vec();
+    settings.extend([("clickhouse_url", clickhouse.as_str()), ("preagg_database", database)]);
+    let proxy = ProxyProcess::start(&SERVER.url(), &settings);
+    proxy.wait_engine_ready();
+    (relay, proxy)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identical_cold_queries_build_each_window_once() {
     let expected = direct().await;
@@ -107,19 +120,8 @@ async fn a_failed_build_falls_back_and_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connections_during_a_build_fall_back() {
     let expected = direct().await;
-    let relay = Relay::start(addr(&SERVER.url())).await;
-    let database = "faults_dropped";
-    exec(&SERVER.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
-    let proxy = ProxyProcess::start(
-        &SERVER.url(),
-        &[
-            ("build", "wait"),
-            ("build_retry_after", "1s"),
-            ("clickhouse_url", &relay.url("http")),
-            ("preagg_database", database),
-        ],
-    );
-    proxy.wait_engine_ready();
+    let (relay, proxy) =
+        builds_through_a_relay("faults_dropped", &[("build", "wait"), ("build_retry_after", "1s")]).await;
     relay.set(Mode::Drop);
     let answer = run(&proxy.url(), &query()).await;
     same_rows(&expected, &answer).unwrap();
@@ -129,6 +131,59 @@ async fn dropped_connections_during_a_build_fall_back() {
     let answer = run(&proxy.url(), &query()).await;
     assert!(answer.preagg.starts_with("rewritten"), "{}", answer.preagg);
     same_rows(&expected, &answer).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_outlives_the_query_that_stopped_waiting_for_it() {
+    let expected = direct().await;
+    let settings =
+        [("build", "wait"), ("build_wait_timeout", "300ms"), ("lease_duration", "3s"), ("build_retry_after", "1s")];
+    let (relay, proxy) = builds_through_a_relay("faults_waiter_left", &settings).await;
+    // ClickHouse holds the build: the query stops waiting for it and is answered by the original.
+    relay.set(Mode::Hang);
+    let cold = run(&proxy.url(), &query()).await;
+    same_rows(&expected, &cold).unwrap();
+    assert_eq!(cold.preagg, "passthrough reason=building");
+    let jobs = jobs_by_window(&proxy).await;
+    assert!(!jobs.is_empty() && jobs.values().all(|s| s == &vec!["pending".to_string()]), "{jobs:?}");
+    // The build the query left is still running: when ClickHouse cuts it, it fails and is
+    // retried, instead of holding its windows under a lease renewed forever.
+    relay.set(Mode::Forward);
+    let warm = until_rewritten(&proxy.url(), &query(), Duration::from_secs(30)).await;
+    same_rows(&expected, &warm).unwrap();
+    let jobs = jobs_by_window(&proxy).await;
+    assert!(jobs.values().any(|s| s.contains(&"failed".to_string())), "the cut build failed: {jobs:?}");
+    assert!(jobs.values().all(|s| s.contains(&"ready".to_string())), "{jobs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_on_a_cold_query_still_leaves_its_windows_built() {
+    let relay = Relay::start(addr(&SERVER.url())).await;
+    let database = "faults_client_left";
+    exec(&SERVER.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
+    // Client queries go through the relay; the proxy's own ClickHouse calls go straight to the server.
+    let proxy = ProxyProcess::start(
+        &relay.url("http"),
+        &[("build", "background"), ("clickhouse_url", &SERVER.url()), ("preagg_database", database)],
+    );
+    proxy.wait_engine_ready();
+    relay.set(Mode::Hang);
+    let abandoned = client().post(proxy.url()).body(query()).timeout(Duration::from_millis(500)).send().await;
+    assert!(abandoned.is_err(), "the held query was answered: {abandoned:?}");
+    // The relay still holds the upstream side: only the client's leaving ends the request.
+    let started = std::time::Instant::now();
+    loop {
+        let jobs = jobs_by_window(&proxy).await;
+        if !jobs.is_empty() && jobs.values().all(|s| s == &vec!["ready".to_string()]) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the windows were not built: {jobs:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.set(Mode::Forward);
+    let warm = run(&proxy.url(), &query()).await;
+    assert!(warm.preagg.starts_with("rewritten"), "{}", warm.preagg);
+    same_rows(&direct().await, &warm).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use http::HeaderMap;
 use tokio::sync::Semaphore;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{BuildPolicy, Config, ExpiryBands, Mode};
 use crate::http::request::UrlParams;
@@ -130,23 +131,33 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Builds to start once the query that needed them has its answer: a background build started
-/// at once would compete with that very query for the same CPUs.
+/// Builds to start once the query that needed them is done with: a background build started at
+/// once would compete with that very query for the same CPUs. They start when this is dropped:
+/// once the answer has been sent, or once the client has left without it (the next viewer still
+/// finds the windows built).
 #[derive(Default)]
-pub struct Deferred(Vec<(tokio::runtime::Handle, BuildTask)>);
+pub struct Deferred {
+    runtime: Option<tokio::runtime::Handle>,
+    builds: Vec<BuildTask>,
+}
 
 /// A build waiting to be started.
 type BuildTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Deferred {
     fn push(&mut self, runtime: &tokio::runtime::Handle, build: impl Future<Output = ()> + Send + 'static) {
-        self.0.push((runtime.clone(), Box::pin(build)));
+        self.runtime.get_or_insert_with(|| runtime.clone());
+        self.builds.push(Box::pin(build));
     }
+}
 
+impl Drop for Deferred {
     /// Starts the builds in the background.
-    pub fn start(self) {
-        for (runtime, build) in self.0 {
-            runtime.spawn(build);
+    fn drop(&mut self) {
+        if let Some(runtime) = &self.runtime {
+            for build in self.builds.drain(..) {
+                runtime.spawn(build);
+            }
         }
     }
 }
@@ -313,7 +324,7 @@ impl Engine {
     }
 
     /// Decides what to do with a SELECT: the request path's "decide" phase. Background builds it
-    /// needs are left in `deferred`, to be started once the answer is sent. `context` is read
+    /// needs are left in `deferred`, to start once the request is done with. `context` is read
     /// only for a query that some rule's prefilter literals all occur in (a memchr scan): most
     /// queries are forwarded before it, and before the analysis is timed.
     pub async fn decide(
@@ -434,8 +445,12 @@ impl Engine {
             (BuildPolicy::Wait, build) if build.is_some() || missing.building > 0 => {
                 m::build_waited();
                 let deadline = Instant::now() + settings.build_wait_timeout;
+                // The build runs on the background runtime: a query that stops waiting for it
+                // (its deadline passed, its client left) leaves it running, instead of cancelling
+                // it half-way with its windows claimed.
                 if let Some(build) = build
-                    && let Ok(Err(_)) = tokio::time::timeout_at(deadline.into(), build).await
+                    && let Ok(Err(_) | Ok(Err(_))) =
+                        tokio::time::timeout_at(deadline.into(), self.background.spawn(build)).await
                 {
                     missing.failed += 1;
                 }
@@ -600,7 +615,7 @@ impl Engine {
         m::build_started(&rule.name);
         let started = Instant::now();
         let result = self.fill(found, text, context, &claimed, now).await;
-        lease.abort();
+        drop(lease);
         let elapsed = started.elapsed();
         m::build_finished(&rule.name, elapsed, result.as_ref().ok().copied());
         match &result {
@@ -682,12 +697,13 @@ impl Engine {
         Ok(total)
     }
 
-    /// Renews the leases of `ids` until the returned task is aborted.
-    fn renew_leases(&self, ids: Vec<String>) -> tokio::task::JoinHandle<()> {
+    /// Renews the leases of `ids` until the returned handle is dropped (the build is over, or was
+    /// cancelled with the runtime).
+    fn renew_leases(&self, ids: Vec<String>) -> AbortOnDropHandle<()> {
         let store = self.store.clone();
         let owner = self.owner.clone();
         let lease = self.settings().lease;
-        tokio::spawn(async move {
+        AbortOnDropHandle::new(tokio::spawn(async move {
             let mut tick = tokio::time::interval(lease / 3);
             tick.tick().await;
             loop {
@@ -696,7 +712,7 @@ impl Engine {
                     tracing::warn!(%error, "cannot renew build leases");
                 }
             }
-        })
+        }))
     }
 
     /// Builds every sealed, missing window of a query's occurrences and waits for them (the
@@ -713,10 +729,17 @@ impl Engine {
                 built.push(0);
                 continue;
             }
-            let count = Arc::clone(self)
-                .build(found.clone(), Arc::clone(&text), self.statement_context(&analysis, context), buildable)
-                .await
-                .map_err(|e| WarmError::Build(e.to_string()))?;
+            let build = Arc::clone(self).build(
+                found.clone(),
+                Arc::clone(&text),
+                self.statement_context(&analysis, context),
+                buildable,
+            );
+            // On the background runtime, as a waiting query's: a caller that goes away leaves it running.
+            let count = match self.background.spawn(build).await {
+                Ok(built) => built.map_err(|e| WarmError::Build(e.to_string()))?,
+                Err(stopped) => return Err(WarmError::Build(stopped.to_string())),
+            };
             built.push(count);
         }
         Ok(built)

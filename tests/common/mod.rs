@@ -275,6 +275,20 @@ impl Drop for ProxyProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // A failed test shows what the proxy said besides its access lines: the build, store
+            // and ClickHouse events that explain a pass-through seen where a rewrite was expected.
+            let said: Vec<String> = self
+                .log_lines()
+                .iter()
+                .filter(|l| l["target"] != "preagg_proxy::access")
+                .map(|l| l.to_string())
+                .collect();
+            eprintln!("the proxy's log, without access lines ({} lines):", said.len());
+            for line in &said[said.len().saturating_sub(60)..] {
+                eprintln!("  {line}");
+            }
+        }
         if let Ok(mut running) = RUNNING.lock() {
             running.retain(|pid| *pid != self.child.id());
         }
