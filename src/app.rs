@@ -121,6 +121,9 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     tracing::info!("shutdown requested");
     shutdown.cancel();
     let _ = tokio::join!(workers.join(), admin_task);
+    if let Some(engine) = engine.get() {
+        engine.stop().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -65,6 +65,20 @@ async fn builds_through_a_relay(database: &str, settings: &[(&str, &str)]) -> (R
     (relay, proxy)
 }
 
+/// Holds the proxy's ClickHouse calls at `relay` and sends a cold query (answered by the original,
+/// as `building`); returns once its build's jobs are pending.
+async fn leave_a_build_hanging(relay: &Relay, proxy: &ProxyProcess, expected: &Answer) {
+    relay.set(Mode::Hang);
+    let cold = run(&proxy.url(), &query()).await;
+    same_rows(expected, &cold).unwrap();
+    assert_eq!(cold.preagg, "passthrough reason=building");
+    let started = std::time::Instant::now();
+    while !jobs_by_window(proxy).await.values().any(|s| s.contains(&"pending".to_string())) {
+        assert!(started.elapsed() < Duration::from_secs(10), "no pending job");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identical_cold_queries_build_each_window_once() {
     let expected = direct().await;
@@ -203,15 +217,7 @@ async fn a_proxy_killed_mid_build_recovers_after_restart() {
     let first = ProxyProcess::start(&SERVER.url(), &settings);
     first.wait_engine_ready();
     // Builds hang inside ClickHouse; the proxy dies while its jobs are pending.
-    relay.set(Mode::Hang);
-    let cold = run(&first.url(), &query()).await;
-    same_rows(&expected, &cold).unwrap();
-    assert_eq!(cold.preagg, "passthrough reason=building");
-    let started = std::time::Instant::now();
-    while !jobs_by_window(&first).await.values().any(|s| s.contains(&"pending".to_string())) {
-        assert!(started.elapsed() < Duration::from_secs(10), "no pending job");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    leave_a_build_hanging(&relay, &first, &expected).await;
     first.signal("KILL");
     drop(first);
     relay.set(Mode::Forward);
@@ -224,6 +230,27 @@ async fn a_proxy_killed_mid_build_recovers_after_restart() {
     let jobs = jobs_by_window(&second).await;
     assert!(jobs.values().any(|s| s.contains(&"failed".to_string())), "the dead owner's jobs were taken over");
     assert!(jobs.values().all(|s| s.contains(&"ready".to_string())), "{jobs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_stopped_mid_build_hands_its_windows_over_at_once() {
+    let expected = direct().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("jobs.db").display());
+    let settings = [("store", store.as_str())];
+    let database = "faults_stopped";
+    let (relay, mut first) = builds_through_a_relay(database, &settings).await;
+    // Builds hang inside ClickHouse; the proxy is stopped while its jobs are pending.
+    leave_a_build_hanging(&relay, &first, &expected).await;
+    first.signal("TERM");
+    assert_eq!(first.wait_exit(Duration::from_secs(30)), Some(true), "the proxy stops cleanly");
+    // The leases are two minutes long; released, the next proxy takes the windows over at once.
+    let (_relay, second) = builds_through_a_relay(database, &settings).await;
+    let started = std::time::Instant::now();
+    let warm = until_rewritten(&second.url(), &query(), Duration::from_secs(30)).await;
+    same_rows(&expected, &warm).unwrap();
+    eprintln!("rewritten {:?} after the restart", started.elapsed());
+    assert!(first.log_text().contains("released the leases of unfinished builds"), "{}", first.log_text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

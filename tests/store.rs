@@ -57,6 +57,33 @@ async fn claims_are_exclusive_and_expired_leases_are_taken_over() {
 }
 
 #[tokio::test]
+async fn released_leases_are_taken_over_at_once_and_never_renewed() {
+    for (name, store, _dir) in stores().await {
+        let hash = unique_hash();
+        let (mine, theirs) = (Window { start: 0, end: HOUR }, Window { start: HOUR, end: 2 * HOUR });
+        let now = 10 * HOUR;
+        let claim = |owner: &'static str, window: Window, at: i64| {
+            let store = store.clone();
+            let hash = hash.clone();
+            async move {
+                let key = JobKey { team_id: 7, rule: "r", query_hash: &hash };
+                store.claim(&key, &[window], owner, at, Duration::from_secs(60)).await.unwrap().pop().map(|(_, id)| id)
+            }
+        };
+        let a = claim("a", mine, now).await.unwrap();
+        assert!(claim("c", theirs, now).await.is_some(), "{name}");
+        store.renew(std::slice::from_ref(&a), "a", now + 1, now + 120_000_000).await.unwrap();
+        assert_eq!(claim("b", mine, now + 2).await, None, "{name}: a renewed lease holds");
+        // "a" stops: its lease ends now, and a renewal racing with the release does not revive it.
+        assert_eq!(store.release("a", now + 3).await.unwrap(), 1, "{name}: only a's pending job");
+        store.renew(std::slice::from_ref(&a), "a", now + 4, now + 120_000_000).await.unwrap();
+        assert!(claim("b", mine, now + 5).await.is_some(), "{name}: taken over at once");
+        assert_eq!(claim("b", theirs, now + 5).await, None, "{name}: c's lease is untouched");
+        assert_eq!(store.release("a", now + 6).await.unwrap(), 0, "{name}");
+    }
+}
+
+#[tokio::test]
 async fn lookups_skip_expired_jobs_and_old_failures() {
     for (name, store, _dir) in stores().await {
         let hash = unique_hash();

@@ -9,7 +9,7 @@ pub mod plan;
 pub mod store;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -205,6 +205,8 @@ pub struct Engine {
     build_slots: Arc<Semaphore>,
     tables: tokio::sync::Mutex<HashSet<String>>,
     store_down_until: AtomicI64,
+    /// Set by [`stop`](Self::stop): builds no longer claim windows.
+    stopping: AtomicBool,
     owner: String,
     background: tokio::runtime::Handle,
 }
@@ -234,6 +236,7 @@ impl Engine {
             build_slots: Arc::new(Semaphore::new(config.max_concurrent_builds)),
             tables: tokio::sync::Mutex::new(HashSet::new()),
             store_down_until: AtomicI64::new(0),
+            stopping: AtomicBool::new(false),
             owner: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4()),
             background: tokio::runtime::Handle::current(),
         }
@@ -601,6 +604,9 @@ impl Engine {
         windows: Vec<Window>,
     ) -> Result<usize, BuildError> {
         let Ok(_slot) = self.build_slots.acquire().await else { return Ok(0) };
+        if self.stopping.load(Ordering::SeqCst) {
+            return Ok(0);
+        }
         let occ = &found.occurrence;
         let rule = &found.rule;
         let now = now_micros();
@@ -708,7 +714,8 @@ impl Engine {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if let Err(error) = store.renew(&ids, &owner, now_micros() + micros(lease)).await {
+                let now = now_micros();
+                if let Err(error) = store.renew(&ids, &owner, now, now + micros(lease)).await {
                     tracing::warn!(%error, "cannot renew build leases");
                 }
             }
@@ -758,6 +765,19 @@ impl Engine {
             tracing::warn!(%error, "cannot expire jobs");
         }
         self.jobs.invalidate_all();
+    }
+
+    /// Stops building, at shutdown: no build claims windows any more, and the leases of this
+    /// proxy's unfinished builds end, so that their windows are taken over by the next query that
+    /// needs them (in another proxy, or in this one restarted) instead of passing through as
+    /// `building` until the leases run out.
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        match self.store.release(&self.owner, now_micros()).await {
+            Ok(0) => {}
+            Ok(jobs) => tracing::info!(jobs, "released the leases of unfinished builds"),
+            Err(error) => tracing::warn!(%error, "cannot release the leases of unfinished builds"),
+        }
     }
 
     /// Drops cached lookups (after an invalidation through the admin API).

@@ -327,21 +327,40 @@ impl Store {
         Ok(claimed)
     }
 
-    /// Extends the leases of `owner`'s pending jobs.
-    pub async fn renew(&self, ids: &[String], owner: &str, until: i64) -> Result<(), StoreError> {
+    /// Extends the leases of `owner`'s pending jobs to `until`. A lease that has expired by `now`
+    /// stays expired: its windows may be being taken over, or were given up by [`release`](Self::release).
+    pub async fn renew(&self, ids: &[String], owner: &str, now: i64, until: i64) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for id in ids {
             sqlx::query(
-                "UPDATE preagg_jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND status = 'pending'",
+                "UPDATE preagg_jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND status = 'pending' \
+                 AND lease_expires_at > $4",
             )
             .bind(until)
             .bind(id)
             .bind(owner)
+            .bind(now)
             .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Ends at `now` the leases of `owner`'s pending jobs, so that their windows are taken over at
+    /// once (by another proxy, or by this one restarted) instead of after the lease. Returns how
+    /// many jobs it gave up.
+    pub async fn release(&self, owner: &str, now: i64) -> Result<u64, StoreError> {
+        let released = sqlx::query(
+            "UPDATE preagg_jobs SET lease_expires_at = $1 WHERE lease_owner = $2 AND status = 'pending' \
+             AND lease_expires_at > $1",
+        )
+        .bind(now)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(released)
     }
 
     /// Marks confirmed builds ready, in one transaction. Returns how many were still ours (a job
