@@ -14,6 +14,9 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const LO: &str = "2026-10-01 09:57:00.000000";
 const HI: &str = "2026-10-28 14:30:00.000000";
 
+#[path = "../tests/common/wait.rs"]
+mod wait;
+
 struct Process(Child);
 
 impl Drop for Process {
@@ -28,20 +31,8 @@ fn python() -> String {
     String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
 }
 
-/// Polls `ready` every 100 ms until it gives a value; panics with `what` after `timeout`.
-fn poll<T>(what: &dyn Fn() -> String, timeout: Duration, mut ready: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    while started.elapsed() < timeout {
-        if let Some(value) = ready() {
-            return value;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{}", what());
-}
-
 fn wait_file(path: &Path) -> String {
-    poll(&|| format!("{} never appeared", path.display()), Duration::from_secs(60), || {
+    wait::wait_for(&format!("{} to appear", path.display()), Duration::from_secs(60), || {
         let text = std::fs::read_to_string(path).ok()?;
         (!text.trim().is_empty()).then(|| text.trim().to_string())
     })
@@ -121,15 +112,12 @@ fn proxy(upstream: &str, build: &str, tag: &str) -> (Process, String, tempfile::
             .spawn()
             .expect("preagg-proxy"),
     );
-    let started = || format!("proxy did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
-    let url = poll(&started, Duration::from_secs(60), || {
+    let url = wait::wait_until("the proxy to start", Duration::from_secs(60), || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if !text.contains("engine ready") {
-            return None;
-        }
-        let line = text.lines().find(|l| l.contains("\"serving\""))?;
+        let serving = text.lines().find(|l| l.contains("\"serving\""));
+        let Some(line) = serving.filter(|_| text.contains("engine ready")) else { return Err(text) };
         let value: serde_json::Value = serde_json::from_str(line).expect("json log");
-        Some(format!("http://{}", value["listen"].as_str().expect("listen")))
+        Ok(format!("http://{}", value["listen"].as_str().expect("listen")))
     });
     (child, url, dir)
 }
@@ -176,10 +164,9 @@ struct Row {
 
 /// Waits for the proxy's "build finished" log line; returns the seconds since `since`.
 fn build_finished(log: &Path, since: Instant) -> f64 {
-    let what =
-        || format!("no build finished in {}: {}", log.display(), std::fs::read_to_string(log).unwrap_or_default());
-    poll(&what, Duration::from_secs(600), || {
-        std::fs::read_to_string(log).unwrap_or_default().contains("build finished").then(|| since.elapsed())
+    wait::wait_until(&format!("a build to finish in {}", log.display()), Duration::from_secs(600), || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("build finished") { Ok(since.elapsed()) } else { Err(text) }
     })
     .as_secs_f64()
 }

@@ -7,6 +7,9 @@
 pub mod corpus;
 pub mod equivalence;
 pub mod relay;
+mod wait;
+
+pub use wait::*;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -40,29 +43,6 @@ pub fn python() -> String {
 /// PostgreSQL for store tests (`PREAGG_TEST_POSTGRES_URL`, default the local `test` database).
 pub fn postgres_url() -> String {
     std::env::var("PREAGG_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// Polls `f` until it returns `Some`, or panics after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    wait_until(what, timeout, || f().ok_or_else(|| "not yet".to_string()))
-}
-
-/// Polls `attempt` until it returns `Ok`, or panics after `timeout` with the last `Err`: what
-/// was observed instead.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut attempt: impl FnMut() -> Result<T, String>) -> T {
-    let started = Instant::now();
-    loop {
-        match attempt() {
-            Ok(value) => return value,
-            Err(observed) => {
-                assert!(
-                    started.elapsed() < timeout,
-                    "timed out after {timeout:?} waiting for {what}; last seen: {observed}"
-                )
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The chdb-backed ClickHouse HTTP server.
