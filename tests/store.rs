@@ -74,9 +74,10 @@ async fn released_leases_are_taken_over_at_once_and_never_renewed() {
         assert!(claim("c", theirs, now).await.is_some(), "{name}");
         store.renew(std::slice::from_ref(&a), "a", now + 1, now + 120_000_000).await.unwrap();
         assert_eq!(claim("b", mine, now + 2).await, None, "{name}: a renewed lease holds");
-        // "a" stops: its lease ends now, and a renewal racing with the release does not revive it.
+        // "a" stops: its lease ends now, and a renewal racing with the release (its clock read
+        // before the release) does not revive it.
         assert_eq!(store.release("a", now + 3).await.unwrap(), 1, "{name}: only a's pending job");
-        store.renew(std::slice::from_ref(&a), "a", now + 4, now + 120_000_000).await.unwrap();
+        store.renew(std::slice::from_ref(&a), "a", now + 2, now + 120_000_000).await.unwrap();
         assert!(claim("b", mine, now + 5).await.is_some(), "{name}: taken over at once");
         assert_eq!(claim("b", theirs, now + 5).await, None, "{name}: c's lease is untouched");
         assert_eq!(store.release("a", now + 6).await.unwrap(), 0, "{name}");

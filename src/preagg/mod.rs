@@ -215,6 +215,10 @@ pub struct Engine {
 /// once instead of each waiting for the store.
 const STORE_BACKOFF: i64 = 5_000_000;
 
+/// Longest a stopping proxy waits for the job store to release its leases: past it, they run out
+/// on their own after `lease_duration`.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One occurrence being served ([`Engine::serve`]), boxed: its replacement text and plan, or why not.
 type Serving<'a> = std::pin::Pin<Box<dyn Future<Output = Result<(String, Plan), Reason>> + Send + 'a>>;
 
@@ -615,6 +619,11 @@ impl Engine {
         if claimed.is_empty() {
             return Ok(0);
         }
+        if self.stopping.load(Ordering::SeqCst) {
+            // Claimed while the proxy stops, perhaps after `stop` released what it found.
+            self.release_leases().await;
+            return Ok(0);
+        }
         self.jobs.invalidate(&(occ.team_id, found.query_hash.clone())).await;
         let ids: Vec<String> = claimed.iter().map(|(_, id)| id.clone()).collect();
         let lease = self.renew_leases(ids.clone());
@@ -773,10 +782,16 @@ impl Engine {
     /// `building` until the leases run out.
     pub async fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        match self.store.release(&self.owner, now_micros()).await {
-            Ok(0) => {}
-            Ok(jobs) => tracing::info!(jobs, "released the leases of unfinished builds"),
-            Err(error) => tracing::warn!(%error, "cannot release the leases of unfinished builds"),
+        self.release_leases().await;
+    }
+
+    /// Ends the leases of this proxy's pending jobs, within [`RELEASE_TIMEOUT`].
+    async fn release_leases(&self) {
+        match tokio::time::timeout(RELEASE_TIMEOUT, self.store.release(&self.owner, now_micros())).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(jobs)) => tracing::info!(jobs, "released the leases of unfinished builds"),
+            Ok(Err(error)) => tracing::warn!(%error, "cannot release the leases of unfinished builds"),
+            Err(_) => tracing::warn!(?RELEASE_TIMEOUT, "the job store did not release the leases in time"),
         }
     }
 

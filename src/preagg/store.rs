@@ -328,7 +328,7 @@ impl Store {
     }
 
     /// Extends the leases of `owner`'s pending jobs to `until`. A lease that has expired by `now`
-    /// stays expired: its windows may be being taken over, or were given up by [`release`](Self::release).
+    /// stays expired: its windows may be being taken over.
     pub async fn renew(&self, ids: &[String], owner: &str, now: i64, until: i64) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for id in ids {
@@ -347,13 +347,14 @@ impl Store {
         Ok(())
     }
 
-    /// Ends at `now` the leases of `owner`'s pending jobs, so that their windows are taken over at
-    /// once (by another proxy, or by this one restarted) instead of after the lease. Returns how
-    /// many jobs it gave up.
+    /// Ends at `now` the leases of `owner`'s pending jobs and takes `owner` off them, so that their
+    /// windows are taken over at once (by another proxy, or by this one restarted) instead of after
+    /// the lease, and no renewal or build still running under `owner` touches them again. Returns
+    /// how many jobs it gave up.
     pub async fn release(&self, owner: &str, now: i64) -> Result<u64, StoreError> {
         let released = sqlx::query(
-            "UPDATE preagg_jobs SET lease_expires_at = $1 WHERE lease_owner = $2 AND status = 'pending' \
-             AND lease_expires_at > $1",
+            "UPDATE preagg_jobs SET lease_expires_at = $1, lease_owner = NULL \
+             WHERE lease_owner = $2 AND status = 'pending' AND lease_expires_at > $1",
         )
         .bind(now)
         .bind(owner)
