@@ -16,6 +16,7 @@ use crate::admin::Admin;
 use crate::config::{Config, LogFormat, Mode, SettingsArgs};
 use crate::http::log_lines;
 use crate::http::server::{self, Workers};
+use crate::http::tls_listener::ListenerTls;
 use crate::preagg::Engine;
 use crate::preagg::clickhouse::ClickHouse;
 use crate::preagg::store::Store;
@@ -86,13 +87,21 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let shadow = Shadow::start(&config, Arc::clone(&engine));
     let admin = Admin::new(&config, Arc::clone(&engine), Some(Arc::clone(&shadow)), metrics);
     let proxy = Arc::new(Proxy::new(&config, Arc::clone(&engine), Some(Arc::clone(&shadow))));
-    let reloader =
-        Reloader { source, config: config.clone(), engine: Arc::clone(&engine), proxy: Arc::clone(&proxy), shadow };
+    let listen_tls = config.listen_tls.as_ref().map(ListenerTls::new);
+    let reloader = Reloader {
+        source,
+        config: config.clone(),
+        engine: Arc::clone(&engine),
+        proxy: Arc::clone(&proxy),
+        shadow,
+        listen_tls: listen_tls.clone(),
+    };
     tokio::spawn(reloader.run());
     let shutdown = CancellationToken::new();
     let (listen, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
     tracing::info!(
         listen = %listen,
+        scheme = if listen_tls.is_some() { "https" } else { "http" },
         admin = %admin_addr,
         upstream = %config.upstream.redacted(),
         workers = config.workers,
@@ -105,6 +114,7 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
             let proxy = Arc::new(proxy.for_worker(config.workers));
             move |request, peer| Arc::clone(&proxy).handle(request, peer)
         },
+        listen_tls.clone(),
         grace,
     )
     .context("starting the worker threads")?;
@@ -135,6 +145,8 @@ struct Reloader {
     engine: EngineSlot,
     proxy: Arc<Proxy>,
     shadow: Arc<Shadow>,
+    /// The client listener's TLS, whose certificate a reload replaces.
+    listen_tls: Option<ListenerTls>,
 }
 
 impl Reloader {
@@ -153,14 +165,21 @@ impl Reloader {
         }
     }
 
-    /// Reads the file and the rules again; applies what can change while running and names what
-    /// needs a restart.
+    /// Reads the file, the rules and the listener's certificate again; applies what can change
+    /// while running and names what needs a restart.
     async fn reload(&mut self) -> anyhow::Result<()> {
         let config = Config::load(&self.source.args, self.source.file.as_deref())?;
         let rules = load_rules(&config)?;
         if let Some(engine) = self.engine.get() {
             engine.replace_rules(rules).await.context("creating tables for the new rules")?;
             engine.reload_settings(&config);
+        }
+        match (&self.listen_tls, &config.listen_tls) {
+            (Some(tls), Some(cert)) => tls.replace(cert),
+            (None, None) => {}
+            (None, Some(_)) | (Some(_), None) => {
+                tracing::warn!("turning TLS on the client listener on or off takes effect after a restart");
+            }
         }
         self.proxy.reload(&config);
         self.shadow.set_sample_rate(config.shadow_sample_rate);

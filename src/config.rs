@@ -15,6 +15,7 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
 
 use crate::http::tls::ClientTls;
+use crate::http::tls_listener::ListenerCert;
 
 /// One configuration key: its name, default and documentation.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +41,12 @@ const fn secret(name: &'static str, help: &'static str) -> KeySpec {
 /// Every configuration key the proxy knows, in documentation order.
 pub const KEYS: &[KeySpec] = &[
     key("listen", Some("127.0.0.1:8124"), "Address the proxy listens on for ClickHouse HTTP clients"),
+    key(
+        "tls_cert_file",
+        None,
+        "PEM certificate chain (server certificate first): with tls_key_file, `listen` speaks HTTPS only",
+    ),
+    key("tls_key_file", None, "PEM private key of tls_cert_file (PKCS#8, PKCS#1 or SEC1)"),
     key("upstream", Some("http://127.0.0.1:8123"), "ClickHouse HTTP endpoint queries are forwarded to"),
     key("store", Some("sqlite://preagg-jobs.db"), "Job store: sqlite://PATH (embedded default) or postgres://..."),
     key(
@@ -332,6 +339,8 @@ impl fmt::Debug for Secret {
 pub struct Config {
     /// Proxy listen address.
     pub listen: SocketAddr,
+    /// The certificate the client listener presents; `None`: plain HTTP.
+    pub listen_tls: Option<ListenerCert>,
     /// ClickHouse endpoint that receives forwarded queries.
     pub upstream: Endpoint,
     /// Job store URL.
@@ -434,6 +443,25 @@ impl Merged {
         parse(text).map_err(|message| ConfigError::Invalid { key, env: env_name(key), origin: source, message })
     }
 
+    /// The listener's certificate: `tls_cert_file` and `tls_key_file` together, or neither.
+    fn listener_cert(&self) -> Result<Option<ListenerCert>, ConfigError> {
+        let path = |s: &str| Ok(PathBuf::from(s));
+        let required_with = |key: &'static str, other: &str| ConfigError::Invalid {
+            key,
+            env: env_name(key),
+            origin: Source::Default,
+            message: format!("a value is required with `{other}`"),
+        };
+        match (self.optional("tls_cert_file", path)?, self.optional("tls_key_file", path)?) {
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => {
+                self.parse("tls_cert_file", |_| ListenerCert::load(&cert, &key).map_err(|e| e.to_string())).map(Some)
+            }
+            (Some(_), None) => Err(required_with("tls_key_file", "tls_cert_file")),
+            (None, Some(_)) => Err(required_with("tls_cert_file", "tls_key_file")),
+        }
+    }
+
     fn optional<T>(
         &self,
         key: &'static str,
@@ -471,6 +499,7 @@ impl Config {
         let clickhouse_url = m.optional("clickhouse_url", parse_endpoint)?.unwrap_or_else(|| upstream.clone());
         Ok(Config {
             listen: m.parse("listen", parse_addr)?,
+            listen_tls: m.listener_cert()?,
             upstream,
             store: m.parse("store", parse_store)?,
             store_timeout: m.parse("store_timeout", parse_duration)?,
@@ -521,6 +550,8 @@ impl Config {
         let store = redact_url_password(&self.store);
         vec![
             format!("listen = {}", self.listen),
+            format!("tls_cert_file = {}", self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::chain)),
+            format!("tls_key_file = {}", self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::key)),
             format!("upstream = {}", self.upstream.redacted()),
             format!("store = {store}"),
             format!("store_timeout = {:?}", self.store_timeout),
@@ -783,6 +814,31 @@ mod tests {
         assert!(err.contains("`tls_ca_file`") && err.contains("no PEM certificate"), "{err}");
         let c = Config::load(&args(&[]), None).unwrap();
         assert!(c.redacted_lines().contains(&"tls_ca_file = web roots".to_string()));
+    }
+
+    #[test]
+    fn the_listener_certificate_needs_both_files_that_belong_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = |path: std::path::PathBuf| path.to_str().unwrap().to_string();
+        let (cert, key, _) = crate::http::tls_listener::self_signed(dir.path(), "one");
+        let (_, other_key, _) = crate::http::tls_listener::self_signed(dir.path(), "other");
+        let (cert, key, other_key) = (text(cert), text(key), text(other_key));
+
+        let c = Config::load(&args(&[("tls_cert_file", &cert), ("tls_key_file", &key)]), None).unwrap();
+        assert!(c.listen_tls.is_some());
+        assert!(c.redacted_lines().contains(&format!("tls_cert_file = {cert} (1 certificate)")));
+        assert!(c.redacted_lines().contains(&format!("tls_key_file = {key}")));
+
+        let err = Config::load(&args(&[("tls_cert_file", &cert)]), None).unwrap_err().to_string();
+        assert!(err.contains("`tls_key_file`") && err.contains("required with `tls_cert_file`"), "{err}");
+        let err = Config::load(&args(&[("tls_key_file", &key)]), None).unwrap_err().to_string();
+        assert!(err.contains("`tls_cert_file`") && err.contains("required with `tls_key_file`"), "{err}");
+        let err = Config::load(&args(&[("tls_cert_file", &cert), ("tls_key_file", &other_key)]), None).unwrap_err();
+        assert!(err.to_string().contains("`tls_cert_file`"), "{err}");
+
+        let c = Config::load(&args(&[]), None).unwrap();
+        assert!(c.listen_tls.is_none());
+        assert!(c.redacted_lines().contains(&"tls_cert_file = (none)".to_string()));
     }
 
     #[test]

@@ -30,12 +30,11 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::ext::ReasonPhrase;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Sleep;
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::client_io::{ClientStream, ReadSide, WriteSide};
 use super::h1::{
     BodyDecoder, BodyPiece, ChunkedDecoder, ConnectionOption, H1Error, UpstreamFields, connection_options,
     content_length, ends_in_chunked, persistent,
@@ -81,7 +80,7 @@ pub enum ClientBodyError {
 /// The reading side of a connection, shared by the connection (heads, hang-up watch) and the
 /// body of the request in progress. Both run on the connection's task: the lock is uncontended.
 struct Reader {
-    io: OwnedReadHalf,
+    io: ReadSide,
     buffer: BytesMut,
     /// The request body in progress; once [`BodyDecoder::Done`], the next bytes are the next
     /// request.
@@ -507,7 +506,7 @@ async fn next_head(
 /// writing side first, then what the client still sends (a body that was not read) is read
 /// and dropped for a while, since closing a socket with unread bytes resets the connection, and
 /// a reset can overtake the response (nginx's lingering close).
-async fn close(mut write: OwnedWriteHalf, reader: &Mutex<Reader>) {
+async fn close(mut write: WriteSide, reader: &Mutex<Reader>) {
     let _ = write.shutdown().await;
     let drained = poll_fn(|cx| {
         let mut reader = lock(reader);
@@ -526,7 +525,7 @@ async fn close(mut write: OwnedWriteHalf, reader: &Mutex<Reader>) {
 /// `shutdown` is cancelled. The first request head must arrive whole within `first_head_timeout`;
 /// later ones are left to the caller's idle watch.
 pub async fn serve_connection<H, F, B>(
-    stream: TcpStream,
+    stream: ClientStream,
     peer: SocketAddr,
     handler: H,
     shutdown: CancellationToken,
@@ -537,7 +536,7 @@ pub async fn serve_connection<H, F, B>(
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let (read, mut write) = stream.into_split();
+    let (read, mut write) = stream.split();
     let buffer = BytesMut::with_capacity(READ_BYTES);
     let reader = Mutex::new(Reader { io: read, buffer, body: BodyDecoder::Done, body_failed: false, scanned: 0 });
     let reader = Arc::new(reader);
@@ -561,7 +560,7 @@ pub async fn serve_connection<H, F, B>(
         first = false;
         let RequestHead { request, body, mut keep_alive, expects_continue } = head;
         lock(&reader).body = body;
-        if expects_continue && write.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+        if expects_continue && send(&mut write, b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
             return;
         }
         let method = request.method().clone();
@@ -639,7 +638,7 @@ enum SendError {
 /// Writes `out` (the head) and the body after it, framed as `framing`; the body's frames that are
 /// ready go out with the head. `reader` is watched for the client hanging up.
 async fn write_body<B>(
-    write: &mut OwnedWriteHalf,
+    write: &mut WriteSide,
     reader: &Mutex<Reader>,
     out: &mut BytesMut,
     mut body: B,
@@ -651,7 +650,7 @@ where
 {
     if framing == ResponseFraming::None {
         drop(body);
-        write.write_all(out).await?;
+        send(write, out).await?;
         return Ok(());
     }
     let mut left = match framing {
@@ -662,10 +661,8 @@ where
         let frame = match body.frame().now_or_never() {
             Some(frame) => frame,
             None => {
-                if !out.is_empty() {
-                    write.write_all(out).await?;
-                    out.clear();
-                }
+                send(write, out).await?;
+                out.clear();
                 // Waiting for the body (a long query's next block): a client that hangs up
                 // meanwhile ends it, instead of the next write.
                 let next = poll_fn(|cx| {
@@ -724,14 +721,21 @@ where
     if framing == ResponseFraming::Chunked {
         out.put_slice(b"0\r\n\r\n");
     }
-    if !out.is_empty() {
-        write.write_all(out).await?;
-        out.clear();
-    }
+    send(write, out).await?;
+    out.clear();
     match left {
         Some(0) | None => Ok(()),
         Some(_) => Err(SendError::Length),
     }
+}
+
+/// Writes `bytes` and flushes: what a TLS connection has encrypted but not yet sent goes out
+/// before the connection waits (on plain TCP the flush does nothing).
+async fn send(write: &mut WriteSide, bytes: &[u8]) -> io::Result<()> {
+    if !bytes.is_empty() {
+        write.write_all(bytes).await?;
+    }
+    write.flush().await
 }
 
 /// Appends a chunk-size line: the size in hexadecimal, CRLF.
@@ -747,7 +751,7 @@ mod tests {
     use futures_util::StreamExt;
     use http_body_util::{Full, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
@@ -972,6 +976,7 @@ mod tests {
                         Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed_unsync())
                     }
                 };
+                let stream = ClientStream::Plain(stream);
                 tokio::spawn(serve_connection(stream, peer, handler, closing.clone(), Duration::from_secs(10)));
             }
         });
@@ -1118,5 +1123,65 @@ mod tests {
         }
         let waited = started.elapsed();
         assert!(waited >= Duration::from_secs(10) && waited <= Duration::from_secs(12), "closed after {waited:?}");
+    }
+    /// A TLS server over a socket with a small send buffer, serving one connection whose every
+    /// answer is `length` bytes of `x`; and a client trusting it, with a small receive buffer.
+    async fn tls_pair(length: usize) -> tokio_rustls::client::TlsStream<TcpStream> {
+        use crate::http::tls_listener::{ListenerCert, ListenerTls, self_signed};
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, trusted) = self_signed(dir.path(), "server");
+        let tls = ListenerTls::new(&ListenerCert::load(&cert, &key).unwrap());
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(8 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, peer) = listener.accept().await.unwrap();
+            let stream = ClientStream::Tls(Box::new(tls.acceptor().accept(stream).await.unwrap()));
+            let handler = move |_, _| async move { Response::new(Full::new(Bytes::from(vec![b'x'; length]))) };
+            serve_connection(stream, peer, handler, CancellationToken::new(), Duration::from_secs(10)).await;
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(trusted).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(8 * 1024).unwrap();
+        let tcp = socket.connect(address).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_over_tls_to_a_slow_reader_arrive_whole_on_a_kept_connection() {
+        const LENGTH: usize = 2 * 1024 * 1024;
+        let mut client = tls_pair(LENGTH).await;
+        for request in 0..2 {
+            client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+            // Read slowly: the answer fills the socket, so its last piece is still being encrypted
+            // and sent when the server is done writing; it must reach the client all the same.
+            let mut received = Vec::new();
+            let mut piece = vec![0u8; 16 * 1024];
+            let body = loop {
+                let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut piece)).await;
+                let n = read.unwrap_or_else(|_| panic!("answer {request} stalled after {} bytes", received.len()));
+                let n = n.unwrap();
+                assert!(n > 0, "closed");
+                received.extend_from_slice(&piece[..n]);
+                if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n")
+                    && received.len() >= end + 4 + LENGTH
+                {
+                    break received.split_off(end + 4);
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            };
+            let head = String::from_utf8_lossy(&received);
+            assert!(head.contains(&format!("content-length: {LENGTH}")), "{head}");
+            assert!(body.len() == LENGTH && body.iter().all(|&b| b == b'x'), "answer {request} intact");
+        }
     }
 }

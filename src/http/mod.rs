@@ -2,6 +2,7 @@
 //! where log lines go.
 
 pub mod access;
+pub mod client_io;
 pub mod forward;
 pub mod h1;
 pub mod h1_server;
@@ -10,3 +11,4 @@ pub mod log_lines;
 pub mod request;
 pub mod server;
 pub mod tls;
+pub mod tls_listener;

@@ -19,9 +19,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::client_io::ClientStream;
 use super::h1_server::{self, ClientBody};
 use super::idle::{Activity, InFlightBody};
 use super::log_lines;
+use super::tls_listener::ListenerTls;
 
 /// How long a client may take to send its first request head; a keep-alive connection without a
 /// request in flight for this long (up to half as long again) is closed.
@@ -39,7 +41,7 @@ where
     let connections = Connections::default();
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     while let Some((stream, peer)) = accept(&listener, &local, &shutdown).await {
-        connections.spawn(serve_connection(stream, peer, handler.clone(), connections.closing.clone()));
+        connections.spawn(serve_connection(stream, peer, None, handler.clone(), connections.closing.clone()));
     }
     drop(listener);
     connections.drain(&local, grace).await;
@@ -66,14 +68,29 @@ async fn accept(listener: &TcpListener, local: &str, shutdown: &CancellationToke
     }
 }
 
-/// Serves one client connection until it closes (or is closed by `closing`).
-async fn serve_connection<H, F, B>(stream: TcpStream, peer: SocketAddr, handler: H, closing: CancellationToken)
-where
+/// Serves one client connection until it closes (or is closed by `closing`), over TLS when the
+/// listener has it: the handshake and the first request head share the first head's timeout.
+async fn serve_connection<H, F, B>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<ListenerTls>,
+    handler: H,
+    closing: CancellationToken,
+) where
     H: Fn(Request<ClientBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display + Send,
 {
+    let started = tokio::time::Instant::now();
+    let stream = match tls {
+        None => ClientStream::Plain(stream),
+        Some(tls) => match handshake(tls, stream, peer, closing.clone()).await {
+            Some(stream) => stream,
+            None => return,
+        },
+    };
+    let first_head_timeout = HEADER_READ_TIMEOUT.saturating_sub(started.elapsed());
     // The first head is timed by the connection; later ones by the idle watch.
     let activity = Arc::new(Activity::default());
     let requests = Arc::clone(&activity);
@@ -84,7 +101,7 @@ where
         let handler = handler.clone();
         async move { handler(request, peer).await.map(|body| InFlightBody::new(body, in_flight)) }
     };
-    let connection = h1_server::serve_connection(stream, peer, counted, closing, HEADER_READ_TIMEOUT);
+    let connection = h1_server::serve_connection(stream, peer, counted, closing, first_head_timeout);
     // The watch's timer fires twice a timeout; the connection wakes this task a few times per
     // request. In a `FuturesUnordered` the watch is polled only when its own timer woke it.
     let mut idle: FuturesUnordered<_> = [activity.idle_for(HEADER_READ_TIMEOUT)].into_iter().collect();
@@ -92,6 +109,34 @@ where
         () = connection => {}
         Some(()) = idle.next() => tracing::debug!(%peer, "idle connection closed"),
     }
+}
+
+/// Runs a new connection's TLS handshake within the first head's timeout; `None` when it fails,
+/// times out or the listener closes meanwhile. Boxed: plain connections never carry its state.
+fn handshake(
+    tls: ListenerTls,
+    stream: TcpStream,
+    peer: SocketAddr,
+    closing: CancellationToken,
+) -> std::pin::Pin<Box<dyn Future<Output = Option<ClientStream>> + Send>> {
+    Box::pin(async move {
+        let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, tls.acceptor().accept(stream));
+        let handshake = tokio::select! {
+            handshake = handshake => handshake,
+            () = closing.cancelled() => return None,
+        };
+        match handshake {
+            Ok(Ok(stream)) => Some(ClientStream::Tls(Box::new(stream))),
+            Ok(Err(error)) => {
+                tracing::info!(%peer, %error, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::info!(%peer, "TLS handshake timed out");
+                None
+            }
+        }
+    })
 }
 
 /// The connections of a listener or a worker, and the signal that closes them.
@@ -147,6 +192,8 @@ impl Drop for OpenConnection {
 /// What one worker thread needs besides its connections and handler.
 struct Worker {
     index: usize,
+    /// TLS of the listener, if it speaks HTTPS.
+    tls: Option<ListenerTls>,
     open: Arc<[AtomicUsize]>,
     grace: Duration,
     release: CancellationToken,
@@ -171,7 +218,7 @@ impl Worker {
         while let Some((stream, peer)) = connections.recv().await {
             let counted = OpenConnection { open: Arc::clone(&self.open), worker: self.index };
             let Ok(stream) = TcpStream::from_std(stream) else { continue };
-            let connection = serve_connection(stream, peer, handler.clone(), served.closing.clone());
+            let connection = serve_connection(stream, peer, self.tls.clone(), handler.clone(), served.closing.clone());
             served.spawn(async move {
                 connection.await;
                 drop(counted);
@@ -188,11 +235,12 @@ impl Worker {
 
 impl Workers {
     /// Starts `count` worker threads, each serving the connections it is handed with its own
-    /// handler from `make_handler`, until the accept loop ends; each then drains for up to
-    /// `grace`.
+    /// handler from `make_handler` (over `tls`, if given), until the accept loop ends; each then
+    /// drains for up to `grace`.
     pub fn start<H, F, B>(
         count: usize,
         mut make_handler: impl FnMut() -> H,
+        tls: Option<ListenerTls>,
         grace: Duration,
     ) -> std::io::Result<Workers>
     where
@@ -213,7 +261,8 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (inbox, connections) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
             let (drained, drained_receiver) = oneshot::channel();
-            let worker = Worker { index, open: Arc::clone(&open), grace, release: workers.release.clone() };
+            let worker =
+                Worker { index, tls: tls.clone(), open: Arc::clone(&open), grace, release: workers.release.clone() };
             let handler = make_handler();
             let thread = std::thread::Builder::new().name(format!("preagg-worker-{index}")).spawn(move || {
                 // Written out when the thread ends, after the runtime (and what it logs as it
@@ -347,7 +396,7 @@ mod tests {
     #[tokio::test]
     async fn connections_are_spread_over_the_workers_and_drained_on_shutdown() {
         let shutdown = CancellationToken::new();
-        let workers = Workers::start(2, thread_name, Duration::from_secs(5)).unwrap();
+        let workers = Workers::start(2, thread_name, None, Duration::from_secs(5)).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let accepting = {

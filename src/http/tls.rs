@@ -19,7 +19,7 @@ use rustls::pki_types::pem::PemObject;
 /// TCP keep-alive probes on connections to ClickHouse.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
-/// Why the trusted authorities could not be loaded.
+/// Why certificates (authorities to trust, or the listener's own) could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The file could not be read, or a PEM section in it is malformed.
@@ -43,6 +43,16 @@ pub enum TlsError {
         path: PathBuf,
         /// Its position in the file, from 1.
         index: usize,
+        /// What rustls said.
+        message: String,
+    },
+    /// A private key that cannot be used, or is not the certificate's.
+    #[error("{key_file} (the key of {cert_file}): {message}")]
+    Key {
+        /// The certificate file.
+        cert_file: PathBuf,
+        /// The key file.
+        key_file: PathBuf,
         /// What rustls said.
         message: String,
     },
