@@ -168,12 +168,11 @@ impl Reloader {
     /// Reads the file, the rules and the listener's certificate again; applies what can change
     /// while running and names what needs a restart.
     async fn reload(&mut self) -> anyhow::Result<()> {
+        // Everything that can be wrong with the new configuration is found before any of it is
+        // applied; the certificate goes first, so that no rule's DDL can hold up its renewal.
         let config = Config::load(&self.source.args, self.source.file.as_deref())?;
         let rules = load_rules(&config)?;
-        if let Some(engine) = self.engine.get() {
-            engine.replace_rules(rules).await.context("creating tables for the new rules")?;
-            engine.reload_settings(&config);
-        }
+        let log_filter = EnvFilter::try_new(&config.log_filter)?;
         match (&self.listen_tls, &config.listen_tls) {
             (Some(tls), Some(cert)) => tls.replace(cert),
             (None, None) => {}
@@ -181,9 +180,13 @@ impl Reloader {
                 tracing::warn!("turning TLS on the client listener on or off takes effect after a restart");
             }
         }
+        if let Some(engine) = self.engine.get() {
+            engine.replace_rules(rules).await.context("creating tables for the new rules")?;
+            engine.reload_settings(&config);
+        }
         self.proxy.reload(&config);
         self.shadow.set_sample_rate(config.shadow_sample_rate);
-        self.source.log.reload(EnvFilter::try_new(&config.log_filter)?)?;
+        self.source.log.reload(log_filter)?;
         let before: Vec<String> = self.config.redacted_lines();
         let after: Vec<String> = config.redacted_lines();
         let changed: Vec<&str> = before

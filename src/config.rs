@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
 
-use crate::http::tls::ClientTls;
+use crate::http::tls::{ClientTls, TlsError};
 use crate::http::tls_listener::ListenerCert;
 
 /// One configuration key: its name, default and documentation.
@@ -446,20 +446,25 @@ impl Merged {
     /// The listener's certificate: `tls_cert_file` and `tls_key_file` together, or neither.
     fn listener_cert(&self) -> Result<Option<ListenerCert>, ConfigError> {
         let path = |s: &str| Ok(PathBuf::from(s));
-        let required_with = |key: &'static str, other: &str| ConfigError::Invalid {
-            key,
-            env: env_name(key),
-            origin: Source::Default,
-            message: format!("a value is required with `{other}`"),
-        };
         match (self.optional("tls_cert_file", path)?, self.optional("tls_key_file", path)?) {
             (None, None) => Ok(None),
-            (Some(cert), Some(key)) => {
-                self.parse("tls_cert_file", |_| ListenerCert::load(&cert, &key).map_err(|e| e.to_string())).map(Some)
-            }
-            (Some(_), None) => Err(required_with("tls_key_file", "tls_cert_file")),
-            (None, Some(_)) => Err(required_with("tls_cert_file", "tls_key_file")),
+            (Some(cert), Some(key)) => ListenerCert::load(&cert, &key).map(Some).map_err(|error| {
+                let blamed = match &error {
+                    TlsError::Key { .. } => "tls_key_file",
+                    TlsError::Unreadable { path, .. } if *path == key => "tls_key_file",
+                    _ => "tls_cert_file",
+                };
+                self.invalid(blamed, error.to_string())
+            }),
+            (Some(_), None) => Err(self.invalid("tls_key_file", "a value is required with `tls_cert_file`".into())),
+            (None, Some(_)) => Err(self.invalid("tls_cert_file", "a value is required with `tls_key_file`".into())),
         }
+    }
+
+    /// The error for `key`, naming where its value came from.
+    fn invalid(&self, key: &'static str, message: String) -> ConfigError {
+        let origin = self.get(key).map_or(Source::Default, |(_, source)| source);
+        ConfigError::Invalid { key, env: env_name(key), origin, message }
     }
 
     fn optional<T>(
@@ -550,8 +555,14 @@ impl Config {
         let store = redact_url_password(&self.store);
         vec![
             format!("listen = {}", self.listen),
-            format!("tls_cert_file = {}", self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::chain)),
-            format!("tls_key_file = {}", self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::key)),
+            format!(
+                "tls_cert_file = {}",
+                self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::describe_chain)
+            ),
+            format!(
+                "tls_key_file = {}",
+                self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::describe_key_file)
+            ),
             format!("upstream = {}", self.upstream.redacted()),
             format!("store = {store}"),
             format!("store_timeout = {:?}", self.store_timeout),
@@ -834,7 +845,9 @@ mod tests {
         let err = Config::load(&args(&[("tls_key_file", &key)]), None).unwrap_err().to_string();
         assert!(err.contains("`tls_cert_file`") && err.contains("required with `tls_key_file`"), "{err}");
         let err = Config::load(&args(&[("tls_cert_file", &cert), ("tls_key_file", &other_key)]), None).unwrap_err();
-        assert!(err.to_string().contains("`tls_cert_file`"), "{err}");
+        assert!(err.to_string().contains("`tls_key_file`"), "the key is blamed: {err}");
+        let err = Config::load(&args(&[("tls_cert_file", &key), ("tls_key_file", &key)]), None).unwrap_err();
+        assert!(err.to_string().contains("`tls_cert_file`"), "the certificate is blamed: {err}");
 
         let c = Config::load(&args(&[]), None).unwrap();
         assert!(c.listen_tls.is_none());

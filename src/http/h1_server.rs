@@ -507,7 +507,8 @@ async fn next_head(
 /// and dropped for a while, since closing a socket with unread bytes resets the connection, and
 /// a reset can overtake the response (nginx's lingering close).
 async fn close(mut write: WriteSide, reader: &Mutex<Reader>) {
-    let _ = write.shutdown().await;
+    // Over TLS the shutdown writes a close_notify, which a client that reads nothing would hold up.
+    let _ = tokio::time::timeout(LINGER, write.shutdown()).await;
     let drained = poll_fn(|cx| {
         let mut reader = lock(reader);
         loop {
@@ -1124,8 +1125,10 @@ mod tests {
         let waited = started.elapsed();
         assert!(waited >= Duration::from_secs(10) && waited <= Duration::from_secs(12), "closed after {waited:?}");
     }
+
     /// A TLS server over a socket with a small send buffer, serving one connection whose every
-    /// answer is `length` bytes of `x`; and a client trusting it, with a small receive buffer.
+    /// answer is `length` bytes of `x` (at `/pending`, in a body that then never ends); and a
+    /// client trusting it, with a small receive buffer.
     async fn tls_pair(length: usize) -> tokio_rustls::client::TlsStream<TcpStream> {
         use crate::http::tls_listener::{ListenerCert, ListenerTls, self_signed};
         let dir = tempfile::tempdir().unwrap();
@@ -1139,7 +1142,15 @@ mod tests {
         tokio::spawn(async move {
             let (stream, peer) = listener.accept().await.unwrap();
             let stream = ClientStream::Tls(Box::new(tls.acceptor().accept(stream).await.unwrap()));
-            let handler = move |_, _| async move { Response::new(Full::new(Bytes::from(vec![b'x'; length]))) };
+            let handler = move |request: Request<ClientBody>, _| async move {
+                let data = Bytes::from(vec![b'x'; length]);
+                if request.uri().path() != "/pending" {
+                    return Response::new(Full::new(data).map_err(|never| match never {}).boxed_unsync());
+                }
+                let first = futures_util::stream::iter([Ok::<_, io::Error>(Frame::data(data))]);
+                let body = StreamBody::new(first.chain(futures_util::stream::pending()));
+                Response::new(body.boxed_unsync())
+            };
             serve_connection(stream, peer, handler, CancellationToken::new(), Duration::from_secs(10)).await;
         });
         let mut roots = rustls::RootCertStore::empty();
@@ -1156,32 +1167,52 @@ mod tests {
         tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap()
     }
 
+    /// Reads slowly from `client` until the bytes after the response head hold `length` bytes
+    /// of `x`; returns the head and what followed it.
+    async fn read_slowly<R: tokio::io::AsyncRead + Unpin>(client: &mut R, length: usize) -> (String, Vec<u8>) {
+        let mut received = Vec::new();
+        let mut piece = vec![0u8; 16 * 1024];
+        // Where the head ends, and how many `x` follow it.
+        let (mut head_end, mut xs) = (None, 0);
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut piece)).await;
+            let n = read.unwrap_or_else(|_| panic!("stalled after {} bytes", received.len())).unwrap();
+            assert!(n > 0, "closed");
+            let searched = received.len().saturating_sub(3);
+            received.extend_from_slice(&piece[..n]);
+            if head_end.is_none()
+                && let Some(at) = received[searched..].windows(4).position(|w| w == b"\r\n\r\n")
+            {
+                head_end = Some(searched + at + 4);
+                xs = received[searched + at + 4..].iter().filter(|&&b| b == b'x').count();
+            } else if head_end.is_some() {
+                xs += piece[..n].iter().filter(|&&b| b == b'x').count();
+            }
+            if let Some(end) = head_end
+                && xs >= length
+            {
+                let rest = received.split_off(end);
+                return (String::from_utf8_lossy(&received).into_owned(), rest);
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+
     #[tokio::test]
     async fn answers_over_tls_to_a_slow_reader_arrive_whole_on_a_kept_connection() {
         const LENGTH: usize = 2 * 1024 * 1024;
         let mut client = tls_pair(LENGTH).await;
+        // The answer fills the socket, so its last piece is still being encrypted and sent when
+        // the server is done writing, or waits for the body's next frame: it must reach the
+        // client all the same.
         for request in 0..2 {
             client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-            // Read slowly: the answer fills the socket, so its last piece is still being encrypted
-            // and sent when the server is done writing; it must reach the client all the same.
-            let mut received = Vec::new();
-            let mut piece = vec![0u8; 16 * 1024];
-            let body = loop {
-                let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut piece)).await;
-                let n = read.unwrap_or_else(|_| panic!("answer {request} stalled after {} bytes", received.len()));
-                let n = n.unwrap();
-                assert!(n > 0, "closed");
-                received.extend_from_slice(&piece[..n]);
-                if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n")
-                    && received.len() >= end + 4 + LENGTH
-                {
-                    break received.split_off(end + 4);
-                }
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            };
-            let head = String::from_utf8_lossy(&received);
+            let (head, body) = read_slowly(&mut client, LENGTH).await;
             assert!(head.contains(&format!("content-length: {LENGTH}")), "{head}");
-            assert!(body.len() == LENGTH && body.iter().all(|&b| b == b'x'), "answer {request} intact");
+            assert!(body.len() == LENGTH, "answer {request} intact");
         }
+        client.write_all(b"GET /pending HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let (head, _) = read_slowly(&mut client, LENGTH).await;
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
     }
 }

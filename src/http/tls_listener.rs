@@ -46,25 +46,23 @@ impl ListenerCert {
         })?;
         Ok(ListenerCert { cert_file: cert_file.to_path_buf(), key_file: key_file.to_path_buf(), key: Arc::new(key) })
     }
-}
 
-impl ListenerCert {
     /// The certificate file and the length of its chain, for the effective configuration.
-    pub fn chain(&self) -> String {
+    pub fn describe_chain(&self) -> String {
         let length = self.key.cert.len();
         let plural = if length == 1 { "" } else { "s" };
         format!("{} ({length} certificate{plural})", self.cert_file.display())
     }
 
     /// The key file, for the effective configuration.
-    pub fn key(&self) -> String {
+    pub fn describe_key_file(&self) -> String {
         self.key_file.display().to_string()
     }
 }
 
 impl fmt::Debug for ListenerCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ListenerCert({}, key {})", self.chain(), self.key())
+        write!(f, "ListenerCert({}, key {})", self.describe_chain(), self.describe_key_file())
     }
 }
 
@@ -131,8 +129,8 @@ mod tests {
         let (cert, key, _) = self_signed(dir.path(), "one");
         let (_, other_key, _) = self_signed(dir.path(), "other");
         let loaded = ListenerCert::load(&cert, &key).unwrap();
-        assert_eq!(loaded.chain(), format!("{} (1 certificate)", cert.display()));
-        assert_eq!(loaded.key(), key.display().to_string());
+        assert_eq!(loaded.describe_chain(), format!("{} (1 certificate)", cert.display()));
+        assert_eq!(loaded.describe_key_file(), key.display().to_string());
 
         let missing = dir.path().join("missing.pem");
         assert!(matches!(ListenerCert::load(&missing, &key), Err(TlsError::Unreadable { .. })));
