@@ -831,8 +831,8 @@ mod tests {
     fn the_listener_certificate_needs_both_files_that_belong_together() {
         let dir = tempfile::tempdir().unwrap();
         let text = |path: std::path::PathBuf| path.to_str().unwrap().to_string();
-        let (cert, key, _) = crate::http::tls_listener::self_signed(dir.path(), "one");
-        let (_, other_key, _) = crate::http::tls_listener::self_signed(dir.path(), "other");
+        let (cert, key) = crate::http::tls_listener::self_signed(dir.path(), "one");
+        let (_, other_key) = crate::http::tls_listener::self_signed(dir.path(), "other");
         let (cert, key, other_key) = (text(cert), text(key), text(other_key));
 
         let c = Config::load(&args(&[("tls_cert_file", &cert), ("tls_key_file", &key)]), None).unwrap();

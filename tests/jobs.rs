@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::equivalence::{Answer, exec, forms, run, same_rows, until_rewritten};
 use common::relay::{Mode, Relay};
-use common::{ChServer, ProxyProcess, client};
+use common::{ChServer, ProxyProcess, client, read_until};
 
 const LO: &str = "2026-10-02 09:57:00.000000";
 const HI: &str = "2026-10-12 14:30:00.000000";
@@ -31,7 +31,10 @@ async fn direct() -> Answer {
 }
 
 /// Jobs as the admin API lists them: (window start, end) -> statuses.
-async fn jobs_by_window(proxy: &ProxyProcess) -> HashMap<(i64, i64), Vec<String>> {
+type Jobs = HashMap<(i64, i64), Vec<String>>;
+
+/// Jobs as the admin API lists them.
+async fn jobs_by_window(proxy: &ProxyProcess) -> Jobs {
     let body: serde_json::Value = client()
         .get(format!("{}/admin/jobs?limit=100000", proxy.admin_url()))
         .send()
@@ -40,7 +43,7 @@ async fn jobs_by_window(proxy: &ProxyProcess) -> HashMap<(i64, i64), Vec<String>
         .json()
         .await
         .unwrap();
-    let mut out: HashMap<(i64, i64), Vec<String>> = HashMap::new();
+    let mut out = Jobs::new();
     for job in body["jobs"].as_array().unwrap() {
         let window = (job["window"]["start"].as_i64().unwrap(), job["window"]["end"].as_i64().unwrap());
         out.entry(window).or_default().push(job["status"].as_str().unwrap().to_string());
@@ -72,11 +75,13 @@ async fn leave_a_build_hanging(relay: &Relay, proxy: &ProxyProcess, expected: &A
     let cold = run(&proxy.url(), &query()).await;
     same_rows(expected, &cold).unwrap();
     assert_eq!(cold.preagg, "passthrough reason=building");
-    let started = std::time::Instant::now();
-    while !jobs_by_window(proxy).await.values().any(|s| s.contains(&"pending".to_string())) {
-        assert!(started.elapsed() < Duration::from_secs(10), "no pending job");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    read_until(
+        "a pending job",
+        Duration::from_secs(10),
+        || jobs_by_window(proxy),
+        |jobs| jobs.values().any(|s| s.contains(&"pending".to_string())),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -180,15 +185,13 @@ async fn a_client_that_hangs_up_on_a_cold_query_still_leaves_its_windows_built()
     let abandoned = client().post(proxy.url()).body(query()).timeout(Duration::from_secs(3)).send().await;
     assert!(abandoned.is_err(), "the held query was answered: {abandoned:?}");
     // The relay still holds the upstream side: only the client's leaving ends the request.
-    let started = std::time::Instant::now();
-    loop {
-        let jobs = jobs_by_window(&proxy).await;
-        if !jobs.is_empty() && jobs.values().all(|s| s == &vec!["ready".to_string()]) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "the windows were not built: {jobs:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    read_until(
+        "the windows to be built",
+        Duration::from_secs(60),
+        || jobs_by_window(&proxy),
+        |jobs| !jobs.is_empty() && jobs.values().all(|s| s == &vec!["ready".to_string()]),
+    )
+    .await;
     relay.set(Mode::Forward);
     let warm = run(&proxy.url(), &query()).await;
     assert!(warm.preagg.starts_with("rewritten"), "{}", warm.preagg);

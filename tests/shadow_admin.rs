@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::equivalence::{Answer, exec, forms, run, same_rows};
-use common::{ChServer, ProxyProcess, client, root};
+use common::{ChServer, ProxyProcess, client, read_until, root};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -97,15 +97,7 @@ async fn until_stats(
     timeout: Duration,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let started = Instant::now();
-    loop {
-        let stats = rule_stats(proxy).await;
-        if done(&stats) {
-            return stats;
-        }
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}: {stats}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    read_until(what, timeout, || rule_stats(proxy), done).await
 }
 
 /// Runs `sql` through the proxy until a shadow comparison is offered for it (its windows are

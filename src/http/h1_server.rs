@@ -1130,9 +1130,10 @@ mod tests {
     /// answer is `length` bytes of `x` (at `/pending`, in a body that then never ends); and a
     /// client trusting it, with a small receive buffer.
     async fn tls_pair(length: usize) -> tokio_rustls::client::TlsStream<TcpStream> {
+        use crate::http::tls::ClientTls;
         use crate::http::tls_listener::{ListenerCert, ListenerTls, self_signed};
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key, trusted) = self_signed(dir.path(), "server");
+        let (cert, key) = self_signed(dir.path(), "server");
         let tls = ListenerTls::new(&ListenerCert::load(&cert, &key).unwrap());
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_send_buffer_size(8 * 1024).unwrap();
@@ -1153,18 +1154,12 @@ mod tests {
             };
             serve_connection(stream, peer, handler, CancellationToken::new(), Duration::from_secs(10)).await;
         });
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(trusted).unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let trusting = ClientTls::from_ca_file(&cert).unwrap();
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(8 * 1024).unwrap();
         let tcp = socket.connect(address).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap()
+        tokio_rustls::TlsConnector::from(trusting.rustls_config()).connect(name, tcp).await.unwrap()
     }
 
     /// Reads slowly from `client` until the bytes after the response head hold `length` bytes

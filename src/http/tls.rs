@@ -104,6 +104,12 @@ impl ClientTls {
         }
     }
 
+    /// The rustls configuration, for tests that speak TLS themselves.
+    #[cfg(test)]
+    pub(crate) fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.config)
+    }
+
     fn with_roots(roots: rustls::RootCertStore, authorities: Authorities) -> ClientTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)

@@ -109,14 +109,14 @@ impl ListenerTls {
 }
 
 /// For tests: a self-signed certificate for `localhost` and its key, written to `dir` as
-/// `NAME.pem` and `NAME.key`; the paths, and the certificate to trust.
+/// `NAME.pem` and `NAME.key`; their paths.
 #[cfg(test)]
-pub(crate) fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf, CertificateDer<'static>) {
+pub(crate) fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
     std::fs::write(&cert, certified.cert.pem()).unwrap();
     std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    (cert, key, certified.cert.der().clone())
+    (cert, key)
 }
 
 #[cfg(test)]
@@ -126,8 +126,8 @@ mod tests {
     #[test]
     fn a_certificate_and_its_key_are_read_and_their_faults_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key, _) = self_signed(dir.path(), "one");
-        let (_, other_key, _) = self_signed(dir.path(), "other");
+        let (cert, key) = self_signed(dir.path(), "one");
+        let (_, other_key) = self_signed(dir.path(), "other");
         let loaded = ListenerCert::load(&cert, &key).unwrap();
         assert_eq!(loaded.describe_chain(), format!("{} (1 certificate)", cert.display()));
         assert_eq!(loaded.describe_key_file(), key.display().to_string());

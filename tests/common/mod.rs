@@ -45,6 +45,26 @@ pub fn postgres_url() -> String {
     std::env::var("PREAGG_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
+/// Reads with `read` every 50 ms until `done` holds for what it read, and returns that; panics
+/// after `timeout` with `what` and what was read last. The async counterpart of [`wait_for`], for
+/// what a test reads through the proxy's own API.
+pub async fn read_until<T: std::fmt::Debug, F: Future<Output = T>>(
+    what: &str,
+    timeout: Duration,
+    mut read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let started = Instant::now();
+    loop {
+        let value = read().await;
+        if done(&value) {
+            return value;
+        }
+        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}: {value:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The chdb-backed ClickHouse HTTP server.
 pub struct ChServer {
     child: Child,
