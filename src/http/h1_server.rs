@@ -455,9 +455,11 @@ fn ends_head(buffer: &[u8], scanned: usize) -> bool {
 enum NextHead {
     Head(RequestHead),
     Refused(HeadError),
-    /// The client closed, the read failed, the first head's deadline passed, or the server
-    /// shuts down.
-    Close,
+    /// The client closed its side, or the read failed: nothing is left to say.
+    ClientGone,
+    /// The first head's deadline passed, or the connection is being closed (the server shuts
+    /// down, or the connection went idle): the client is told, over TLS by a close_notify.
+    Closing,
 }
 
 /// Waits for the next request head: the one already buffered, or bytes from the client until one
@@ -490,14 +492,14 @@ async fn next_head(
                 reader.scanned = reader.buffer.len();
             }
             match reader.poll_fill(cx) {
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(NextHead::Close),
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(NextHead::ClientGone),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => break,
             }
         }
         let timed_out = deadline.as_mut().is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
         let shut_down = reader.buffer.is_empty() && shutdown.as_mut().poll(cx).is_ready();
-        if timed_out || shut_down { Poll::Ready(NextHead::Close) } else { Poll::Pending }
+        if timed_out || shut_down { Poll::Ready(NextHead::Closing) } else { Poll::Pending }
     })
     .await
 }
@@ -523,8 +525,10 @@ async fn close(mut write: WriteSide, reader: &Mutex<Reader>) {
 }
 
 /// Serves the requests of one client connection with `handler` until the connection closes or
-/// `shutdown` is cancelled. The first request head must arrive whole within `first_head_timeout`;
-/// later ones are left to the caller's idle watch.
+/// `shutdown` is cancelled (then at once if no request head has begun, else after its answer).
+/// The first request head must arrive whole within `first_head_timeout`; later ones are left to
+/// the caller's idle watch. A connection this side closes is shut down, not just dropped: a TLS
+/// client is sent a close_notify, which tells it that nothing was cut off.
 pub async fn serve_connection<H, F, B>(
     stream: ClientStream,
     peer: SocketAddr,
@@ -549,7 +553,12 @@ pub async fn serve_connection<H, F, B>(
         let deadline = first.then_some(first_head_deadline.as_mut());
         let head = match next_head(&reader, deadline, shutdown_requested.as_mut()).await {
             NextHead::Head(head) => head,
-            NextHead::Close => return,
+            NextHead::ClientGone => return,
+            NextHead::Closing => {
+                // A TLS client reading on would otherwise see the connection cut short.
+                let _ = tokio::time::timeout(LINGER, write.shutdown()).await;
+                return;
+            }
             NextHead::Refused(error) => {
                 let (answer, status) = refusal(&error);
                 tracing::info!(target: "preagg_proxy::access", status, error = ?error, %peer, "request head refused");

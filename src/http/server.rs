@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -28,6 +29,10 @@ use super::tls_listener::ListenerTls;
 /// How long a client may take to send its first request head; a keep-alive connection without a
 /// request in flight for this long (up to half as long again) is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection told to close for idleness may stay quiet before it is dropped: one
+/// stuck in a request head it will never finish does not close by itself.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Serves `handler` on `listener` in the current runtime until `shutdown` is cancelled, then
 /// drains for up to `grace`.
@@ -101,13 +106,22 @@ async fn serve_connection<H, F, B>(
         let handler = handler.clone();
         async move { handler(request, peer).await.map(|body| InFlightBody::new(body, in_flight)) }
     };
-    let connection = h1_server::serve_connection(stream, peer, counted, closing, first_head_timeout);
+    // Cancelled when the listener drains, or when this connection goes idle.
+    let closing = closing.child_token();
+    let mut connection = pin!(h1_server::serve_connection(stream, peer, counted, closing.clone(), first_head_timeout));
     // The watch's timer fires twice a timeout; the connection wakes this task a few times per
     // request. In a `FuturesUnordered` the watch is polled only when its own timer woke it.
     let mut idle: FuturesUnordered<_> = [activity.idle_for(HEADER_READ_TIMEOUT)].into_iter().collect();
     tokio::select! {
-        () = connection => {}
+        () = connection.as_mut() => return,
         Some(()) = idle.next() => tracing::debug!(%peer, "idle connection closed"),
+    }
+    // Closed the way a draining listener closes it, so a TLS client gets its close_notify. A
+    // request that slipped in meanwhile is answered; a head begun and never finished is dropped.
+    closing.cancel();
+    tokio::select! {
+        () = connection => {}
+        () = activity.idle_for(IDLE_CLOSE_GRACE) => {}
     }
 }
 
@@ -374,8 +388,9 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_keep_alive_connection_left_idle_is_closed_after_the_header_read_timeout() {
+    /// Has a fresh server answer one request on a plain connection, sends `then` on it, and
+    /// returns how long the server took to close the connection after that.
+    async fn closed_after_an_answer_and(then: &[u8]) -> Duration {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -385,12 +400,92 @@ mod tests {
         let mut answer = vec![0; 4096];
         let n = client.read(&mut answer).await.unwrap();
         assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..n]));
+        client.write_all(then).await.unwrap();
         // The clock runs ahead whenever everything waits: only the idle watch can end this read.
-        let answered = tokio::time::Instant::now();
+        let sent = tokio::time::Instant::now();
         let closed = tokio::time::timeout(HEADER_READ_TIMEOUT * 4, client.read(&mut answer)).await;
         assert_eq!(closed.expect("the server closed the connection").unwrap(), 0);
-        let idle = answered.elapsed();
+        sent.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_keep_alive_connection_left_idle_is_closed_after_the_header_read_timeout() {
+        let idle = closed_after_an_answer_and(b"").await;
         assert!(idle >= HEADER_READ_TIMEOUT && idle <= HEADER_READ_TIMEOUT * 3 / 2, "closed after {idle:?}");
+        // A head begun and never finished: told to close, the connection cannot; it is dropped.
+        let stalled = closed_after_an_answer_and(b"GET / HT").await;
+        let latest = HEADER_READ_TIMEOUT * 3 / 2 + IDLE_CLOSE_GRACE * 3 / 2;
+        assert!(stalled >= HEADER_READ_TIMEOUT && stalled <= latest, "closed after {stalled:?}");
+    }
+
+    /// Serves `ok` over TLS on a free port until `closing` is cancelled; returns the address, a
+    /// connector that trusts the server, and the directory of its certificate.
+    async fn tls_server(closing: CancellationToken) -> (SocketAddr, tokio_rustls::TlsConnector, tempfile::TempDir) {
+        use super::super::tls::ClientTls;
+        use super::super::tls_listener::{ListenerCert, self_signed};
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path(), "server");
+        let tls = ListenerTls::new(&ListenerCert::load(&cert, &key).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let ok = |_, _| std::future::ready(Response::new(Full::new(bytes::Bytes::from_static(b"ok"))));
+        tokio::spawn(async move {
+            loop {
+                let (stream, peer) = listener.accept().await.unwrap();
+                tokio::spawn(serve_connection(stream, peer, Some(tls.clone()), ok, closing.clone()));
+            }
+        });
+        let connector = tokio_rustls::TlsConnector::from(ClientTls::from_ca_file(&cert).unwrap().rustls_config());
+        (address, connector, dir)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_the_server_closes_over_tls_end_with_a_close_notify() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        type Client = tokio_rustls::client::TlsStream<TcpStream>;
+        let closing = CancellationToken::new();
+        let (address, connector, _dir) = tls_server(closing.clone()).await;
+        let connect = async || -> Client {
+            let tcp = TcpStream::connect(address).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            connector.connect(name, tcp).await.unwrap()
+        };
+        let answered = async |client: &mut Client| {
+            client.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
+            let mut answer = Vec::new();
+            while !answer.ends_with(b"\r\n\r\nok") {
+                let mut piece = [0; 4096];
+                let n = client.read(&mut piece).await.unwrap();
+                assert!(n > 0, "closed before the answer");
+                answer.extend_from_slice(&piece[..n]);
+            }
+        };
+        // The read ends in Ok(0) only after a close_notify: a bare end of the stream is an error.
+        let closed_cleanly = async |client: &mut Client| {
+            let closed = tokio::time::timeout(HEADER_READ_TIMEOUT * 4, client.read(&mut [0; 64])).await;
+            assert_eq!(closed.expect("the server closed the connection").unwrap(), 0);
+        };
+
+        // No request head within the first head's timeout.
+        let mut silent = connect().await;
+        let connected = tokio::time::Instant::now();
+        closed_cleanly(&mut silent).await;
+        assert!(connected.elapsed() <= HEADER_READ_TIMEOUT, "closed after {:?}", connected.elapsed());
+
+        // Idle after an answer.
+        let mut idle = connect().await;
+        answered(&mut idle).await;
+        let quiet = tokio::time::Instant::now();
+        closed_cleanly(&mut idle).await;
+        assert!(quiet.elapsed() >= HEADER_READ_TIMEOUT, "closed after {:?}", quiet.elapsed());
+
+        // Idle when the listener drains.
+        let mut kept = connect().await;
+        answered(&mut kept).await;
+        let drained = tokio::time::Instant::now();
+        closing.cancel();
+        closed_cleanly(&mut kept).await;
+        assert!(drained.elapsed() < HEADER_READ_TIMEOUT, "closed after {:?}", drained.elapsed());
     }
 
     #[tokio::test]
