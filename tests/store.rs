@@ -57,7 +57,8 @@ async fn claims_are_exclusive_and_expired_leases_are_taken_over() {
 }
 
 #[tokio::test]
-async fn released_leases_are_taken_over_at_once_and_never_renewed() {
+async fn leases_are_renewed_until_taken_over_or_released() {
+    const SECOND: i64 = 1_000_000;
     for (name, store, _dir) in stores().await {
         let hash = unique_hash();
         let (mine, theirs) = (Window { start: 0, end: HOUR }, Window { start: HOUR, end: 2 * HOUR });
@@ -71,16 +72,25 @@ async fn released_leases_are_taken_over_at_once_and_never_renewed() {
             }
         };
         let a = claim("a", mine, now).await.unwrap();
-        assert!(claim("c", theirs, now).await.is_some(), "{name}");
-        store.renew(std::slice::from_ref(&a), "a", now + 1, now + 120_000_000).await.unwrap();
-        assert_eq!(claim("b", mine, now + 2).await, None, "{name}: a renewed lease holds");
+        let c = claim("c", theirs, now + 80 * SECOND).await.unwrap();
+        // a's renewal comes late, after its lease ran out, but before anyone took the window
+        // over: the build goes on and nobody builds the window a second time.
+        store.renew(std::slice::from_ref(&a), "a", now + 190 * SECOND).await.unwrap();
+        assert_eq!(claim("b", mine, now + 90 * SECOND).await, None, "{name}: a renewed lease holds");
         // "a" stops: its lease ends now, and a renewal racing with the release (its clock read
         // before the release) does not revive it.
-        assert_eq!(store.release("a", now + 3).await.unwrap(), 1, "{name}: only a's pending job");
-        store.renew(std::slice::from_ref(&a), "a", now + 2, now + 120_000_000).await.unwrap();
-        assert!(claim("b", mine, now + 5).await.is_some(), "{name}: taken over at once");
-        assert_eq!(claim("b", theirs, now + 5).await, None, "{name}: c's lease is untouched");
-        assert_eq!(store.release("a", now + 6).await.unwrap(), 0, "{name}");
+        assert_eq!(store.release("a", now + 100 * SECOND).await.unwrap(), 1, "{name}: only a's pending job");
+        store.renew(std::slice::from_ref(&a), "a", now + 300 * SECOND).await.unwrap();
+        assert!(claim("b", mine, now + 101 * SECOND).await.is_some(), "{name}: taken over at once");
+        assert_eq!(claim("b", theirs, now + 101 * SECOND).await, None, "{name}: c's lease is untouched");
+        assert_eq!(store.release("a", now + 102 * SECOND).await.unwrap(), 0, "{name}");
+        // c's lease runs out and b takes its window over: c's renewal no longer touches its job.
+        assert!(claim("b", theirs, now + 150 * SECOND).await.is_some(), "{name}: taken over after the lease");
+        store.renew(std::slice::from_ref(&c), "c", now + 400 * SECOND).await.unwrap();
+        let filter = JobFilter { query_hash: Some(hash.clone()), limit: 10, ..JobFilter::default() };
+        let jobs = store.list(&filter).await.unwrap();
+        let old = jobs.iter().find(|job| job.id == c).unwrap();
+        assert_eq!((old.status, old.lease_expires_at), (Status::Failed, Some(now + 140 * SECOND)), "{name}");
     }
 }
 

@@ -723,8 +723,7 @@ impl Engine {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let now = now_micros();
-                if let Err(error) = store.renew(&ids, &owner, now, now + micros(lease)).await {
+                if let Err(error) = store.renew(&ids, &owner, now_micros() + micros(lease)).await {
                     tracing::warn!(%error, "cannot renew build leases");
                 }
             }

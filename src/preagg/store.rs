@@ -327,19 +327,18 @@ impl Store {
         Ok(claimed)
     }
 
-    /// Extends the leases of `owner`'s pending jobs to `until`. A lease that has expired by `now`
-    /// stays expired: its windows may be being taken over.
-    pub async fn renew(&self, ids: &[String], owner: &str, now: i64, until: i64) -> Result<(), StoreError> {
+    /// Extends the leases of `owner`'s pending jobs to `until`. A lease that expired while nobody
+    /// took its window over is extended too (the build goes on; nobody builds the window twice).
+    /// A job taken over is failed, and a released one has no owner: neither is touched.
+    pub async fn renew(&self, ids: &[String], owner: &str, until: i64) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for id in ids {
             sqlx::query(
-                "UPDATE preagg_jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND status = 'pending' \
-                 AND lease_expires_at > $4",
+                "UPDATE preagg_jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 AND status = 'pending'",
             )
             .bind(until)
             .bind(id)
             .bind(owner)
-            .bind(now)
             .execute(&mut *tx)
             .await?;
         }
@@ -347,14 +346,15 @@ impl Store {
         Ok(())
     }
 
-    /// Ends at `now` the leases of `owner`'s pending jobs and takes `owner` off them, so that their
-    /// windows are taken over at once (by another proxy, or by this one restarted) instead of after
-    /// the lease, and no renewal or build still running under `owner` touches them again. Returns
-    /// how many jobs it gave up.
+    /// Ends at `now` the leases of `owner`'s pending jobs (one already over stays over) and takes
+    /// `owner` off them, so that their windows are taken over at once (by another proxy, or by
+    /// this one restarted) instead of after the lease, and no renewal or build still running
+    /// under `owner` touches them again. Returns how many jobs it gave up.
     pub async fn release(&self, owner: &str, now: i64) -> Result<u64, StoreError> {
         let released = sqlx::query(
-            "UPDATE preagg_jobs SET lease_expires_at = $1, lease_owner = NULL \
-             WHERE lease_owner = $2 AND status = 'pending' AND lease_expires_at > $1",
+            "UPDATE preagg_jobs SET lease_owner = NULL, \
+             lease_expires_at = CASE WHEN lease_expires_at > $1 THEN $1 ELSE lease_expires_at END \
+             WHERE lease_owner = $2 AND status = 'pending'",
         )
         .bind(now)
         .bind(owner)
