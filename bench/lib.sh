@@ -27,13 +27,14 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
 }
 
-# Installs nginx and wrk from Debian when missing, and builds the proxy (release), unless
+# Installs nginx, wrk and openssl from Debian when missing, and builds the proxy (release), unless
 # BENCH_PROXY_BIN names a preagg-proxy binary to measure instead (a build that is not a git
 # revision, such as this tree with another allocator).
 prerequisites() {
     local missing=()
     command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
     command -v wrk >/dev/null || missing+=(wrk)
+    command -v openssl >/dev/null || missing+=(openssl)
     [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
     NGINX=$(command -v nginx || echo /usr/sbin/nginx)
     if [ -n "${BENCH_PROXY_BIN:-}" ]; then
@@ -133,19 +134,31 @@ start_static() {
     wait_port "$1"
 }
 
-# render_hop WORKERS HOP_STATIC_PORT HOP_CLICKHOUSE_PORT STATIC_PORT CLICKHOUSE_PORT HOP_LOGGED_PORT:
-# writes $work/hop.conf, the nginx reverse proxy (HOP_LOGGED_PORT: the static hop with an access
-# log).
-render_hop() {
-    mkdir -p "$work/tmp"
-    render "$bench/nginx/hop.conf.in" "$work/hop.conf" WORKERS="$1" WORK="$work" HOP_STATIC_PORT="$2" \
-        HOP_CLICKHOUSE_PORT="$3" STATIC_PORT="$4" CLICKHOUSE_PORT="$5" HOP_LOGGED_PORT="$6"
+# self_signed_cert: $work/tls/cert.pem, a self-signed certificate for localhost (P-256), and its
+# key, key.pem (PKCS#8), for the HTTPS hops.
+self_signed_cert() {
+    mkdir -p "$work/tls"
+    [ -s "$work/tls/cert.pem" ] && return 0
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+        -addext subjectAltName=DNS:localhost -keyout "$work/tls/key.pem" -out "$work/tls/cert.pem" 2>/dev/null ||
+        die "openssl cannot make a certificate"
 }
 
-# start_hop HOP_STATIC_PORT HOP_CLICKHOUSE_PORT STATIC_PORT CLICKHOUSE_PORT [HOP_LOGGED_PORT]: the
-# nginx reverse proxy with as many workers as preagg-proxy has.
+# render_hop WORKERS HOP_STATIC_PORT HOP_CLICKHOUSE_PORT STATIC_PORT CLICKHOUSE_PORT HOP_LOGGED_PORT
+# [HOP_TLS_PORT]: writes $work/hop.conf, the nginx reverse proxy (HOP_LOGGED_PORT: the static hop
+# with an access log; HOP_TLS_PORT: the same over HTTPS).
+render_hop() {
+    mkdir -p "$work/tmp"
+    self_signed_cert
+    render "$bench/nginx/hop.conf.in" "$work/hop.conf" WORKERS="$1" WORK="$work" HOP_STATIC_PORT="$2" \
+        HOP_CLICKHOUSE_PORT="$3" STATIC_PORT="$4" CLICKHOUSE_PORT="$5" HOP_LOGGED_PORT="$6" \
+        HOP_TLS_PORT="${7:-$(free_port)}"
+}
+
+# start_hop HOP_STATIC_PORT HOP_CLICKHOUSE_PORT STATIC_PORT CLICKHOUSE_PORT [HOP_LOGGED_PORT
+# [HOP_TLS_PORT]]: the nginx reverse proxy with as many workers as preagg-proxy has.
 start_hop() {
-    render_hop "$WORKERS" "$1" "$2" "$3" "$4" "${5:-$(free_port)}"
+    render_hop "$WORKERS" "$1" "$2" "$3" "$4" "${5:-$(free_port)}" "${6:-$(free_port)}"
     "$NGINX" -e "$work/hop.error.log" -c "$work/hop.conf" -p "$work" 2>>"$work/hop.error.log" &
     pids+=($!)
     wait_port "$1"

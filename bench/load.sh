@@ -11,7 +11,12 @@
 #    read, the prefilter dismisses it: `passthrough reason=not_experiment_query`), and `--mode off`
 #    with `--log-filter warn` (no access-log line). nginx runs twice, as preagg-proxy does: without
 #    an access log, and with one buffered line per request (like preagg-proxy's default).
-# 2. The chdb-backed ClickHouse with generated PostHog data, the experiment query of
+# 2. HTTPS (section `tls`, not run unless named): the same SELECT with TLS ended at the hop (a
+#    self-signed P-256 certificate; the upstream stays plain HTTP): direct (plain HTTP, the
+#    baseline), nginx `listen ... ssl` with its access log, preagg-proxy `--mode off` with
+#    tls_cert_file/tls_key_file and its access log. Keep-alive connections: a handshake per
+#    connection, the records' encryption per request.
+# 3. The chdb-backed ClickHouse with generated PostHog data, the experiment query of
 #    scripts/demo/experiment.sql: direct and through nginx (the original query), through
 #    preagg-proxy warm (every answer counted as rewritten by its X-Preagg header).
 #
@@ -26,7 +31,7 @@
 #   BENCH_ROUNDS (1)              rounds of the static section: at each concurrency every path is
 #                                 measured once per round, the paths in a rotated order each round;
 #                                 the report gives medians over the rounds and each round's added p50
-#   BENCH_SECTIONS ("static clickhouse")
+#   BENCH_SECTIONS ("static clickhouse"; "tls" adds the HTTPS section)
 #   BENCH_BASELINE (unset)        a git revision: its release build joins the static section as
 #                                 "preagg-proxy --mode off @REV", a before/after in one run
 #                                 (built once in .work/baseline-REV)
@@ -58,9 +63,11 @@ static_port=$(free_port)
 hop_static_port=$(free_port)
 hop_clickhouse_port=$(free_port)
 hop_logged_port=$(free_port)
+hop_tls_port=$(free_port)
 proxy_off_port=$(free_port)
 proxy_quiet_port=$(free_port)
 proxy_rewrite_port=$(free_port)
+proxy_tls_port=$(free_port)
 proxy_clickhouse_port=$(free_port)
 
 CLICKHOUSE_PORT=$(free_port) # replaced by the real one when the chdb section runs
@@ -71,7 +78,8 @@ fi
 
 say "Starting the static upstream, the nginx hop and preagg-proxy"
 start_static "$static_port"
-start_hop "$hop_static_port" "$hop_clickhouse_port" "$static_port" "$CLICKHOUSE_PORT" "$hop_logged_port"
+start_hop "$hop_static_port" "$hop_clickhouse_port" "$static_port" "$CLICKHOUSE_PORT" "$hop_logged_port" \
+    "$hop_tls_port"
 start_proxy off "$proxy_off_port" "http://127.0.0.1:$static_port" off
 start_proxy quiet "$proxy_quiet_port" "http://127.0.0.1:$static_port" off --log-filter warn
 start_proxy rewrite "$proxy_rewrite_port" "http://127.0.0.1:$static_port" rewrite
@@ -89,6 +97,12 @@ preagg_header() {
     curl -sS -o /dev/null -D - --data-binary @"$2" "$1/" | tr -d '\r' | sed -n 's/^x-preagg: //Ip'
 }
 
+# negotiated PORT: the TLS version and cipher a client of OpenSSL's defaults (as wrk) gets.
+negotiated() {
+    openssl s_client -connect "127.0.0.1:$1" -servername localhost </dev/null 2>/dev/null |
+        sed -n 's/^New, \(.*\), Cipher is \(.*\)$/\1 \2/p'
+}
+
 # cell SECTION QUERY PATH CONNECTIONS URL BODY SECONDS TIMEOUT COUNT PID [ROUND]: one measured wrk
 # run; PID is the process serving the path (the hop, or the upstream for direct), whose CPU time
 # during the run is recorded.
@@ -101,6 +115,27 @@ cell() {
     echo "$line" >&2
     printf '%s\t%s\t%s\t%s\t%s busy_before=%s cpu_us=%s round=%s\n' "$1" "$2" "$3" "$4" "${line#RESULT }" "$BUSY" \
         "$(((after - before) * 1000000 / $(getconf CLK_TCK)))" "${11:-1}" >>"$results"
+}
+
+# measure_paths SECTION QUERY URLS PIDS PATH...: every PATH at each of $connections, in $rounds
+# rounds, after a warm-up; URLS and PIDS name associative arrays keyed by path.
+measure_paths() {
+    local section=$1 query=$2 c round i path
+    local -n urls=$3 path_pids=$4
+    shift 4
+    local paths=("$@")
+    for c in $connections; do
+        for round in $(seq 1 "$rounds"); do
+            # Each round starts one path later, so that no path always follows the same one.
+            for i in $(seq 0 $((${#paths[@]} - 1))); do
+                path=${paths[$(((i + round - 1) % ${#paths[@]}))]}
+                quiet_machine
+                run_wrk "$c" "$warmup" "${urls[$path]}/" "$passthrough_query" 10s >/dev/null
+                cell "$section" "$query" "$path" "$c" "${urls[$path]}/" "$passthrough_query" \
+                    "$seconds" 10s 0 "${path_pids[$path]}" "$round"
+            done
+        done
+    done
 }
 
 if [[ " $sections " == *" static "* ]]; then
@@ -128,19 +163,31 @@ if [[ " $sections " == *" static "* ]]; then
         ["preagg-proxy --mode rewrite"]=$PROXY_PID_rewrite
     )
     [ -z "${baseline_path:-}" ] || static_pids[$baseline_path]=$PROXY_PID_baseline
-    for c in $connections; do
-        for round in $(seq 1 "$rounds"); do
-            # Each round starts one path later, so that no path always follows the same one.
-            count=${#static_paths[@]}
-            for i in $(seq 0 $((count - 1))); do
-                path=${static_paths[$(((i + round - 1) % count))]}
-                quiet_machine
-                run_wrk "$c" "$warmup" "${static_urls[$path]}/" "$passthrough_query" 10s >/dev/null
-                cell static "pass-through SELECT" "$path" "$c" "${static_urls[$path]}/" "$passthrough_query" \
-                    "$seconds" 10s 0 "${static_pids[$path]}" "$round"
-            done
-        done
+    measure_paths static "pass-through SELECT" static_urls static_pids "${static_paths[@]}"
+fi
+
+if [[ " $sections " == *" tls "* ]]; then
+    start_proxy tls "$proxy_tls_port" "http://127.0.0.1:$static_port" off \
+        --tls-cert-file "$work/tls/cert.pem" --tls-key-file "$work/tls/key.pem"
+    say "Checking the HTTPS paths"
+    for port in "$hop_tls_port" "$proxy_tls_port"; do
+        [ "$(curl -sS --cacert "$work/tls/cert.pem" --data-binary @"$passthrough_query" \
+            "https://localhost:$port/")" = 1 ] || die "no answer over HTTPS on port $port"
     done
+    tls_nginx=$(negotiated "$hop_tls_port")
+    tls_proxy=$(negotiated "$proxy_tls_port")
+    tls_paths=(direct "nginx, HTTPS, access log" "preagg-proxy --mode off, HTTPS")
+    declare -A tls_urls=(
+        [direct]="http://127.0.0.1:$static_port"
+        ["nginx, HTTPS, access log"]="https://127.0.0.1:$hop_tls_port"
+        ["preagg-proxy --mode off, HTTPS"]="https://127.0.0.1:$proxy_tls_port"
+    )
+    declare -A tls_pids=(
+        [direct]=$(cat "$work/static.pid")
+        ["nginx, HTTPS, access log"]=$(cat "$work/hop.pid")
+        ["preagg-proxy --mode off, HTTPS"]=$PROXY_PID_tls
+    )
+    measure_paths tls "pass-through SELECT over HTTPS" tls_urls tls_pids "${tls_paths[@]}"
 fi
 
 if [[ " $sections " == *" clickhouse "* ]]; then
@@ -186,6 +233,9 @@ fi
         echo "- chdb data: $events generated events (28 days, seed 42); query: scripts/demo/experiment.sql"
     fi
     echo "- preagg-proxy on its defaults (SQLite job store, engine ready, text log at info with one access line per request)"
+    if [[ " $sections " == *" tls "* ]]; then
+        echo "- HTTPS as negotiated by OpenSSL's defaults ($(openssl version | cut -d' ' -f1-2), as wrk): nginx $tls_nginx; preagg-proxy $tls_proxy"
+    fi
     echo
     python3 "$bench/table.py" "$results"
 } | tee "$work/report.md"

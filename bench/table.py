@@ -19,6 +19,7 @@ LIKE_FOR_LIKE = (
     ("preagg-proxy --mode off", "nginx, access log"),
     ("preagg-proxy --mode rewrite", "nginx, access log"),
     ("preagg-proxy --mode off, no access log", "nginx"),
+    ("preagg-proxy --mode off, HTTPS", "nginx, HTTPS, access log"),
 )
 
 
@@ -60,7 +61,11 @@ def main(path):
     if rounds > 1:
         print(f"Figures are medians over {rounds} rounds; added latency is taken within each round.")
     print()
-    titles = {"static": "Static upstream (nginx answering `1\\n`)", "clickhouse": "chdb-backed ClickHouse"}
+    titles = {
+        "static": "Static upstream (nginx answering `1\\n`)",
+        "tls": "Static upstream, TLS ended at the hop",
+        "clickhouse": "chdb-backed ClickHouse",
+    }
     added_p50 = {}  # (section, connections, hop) -> {round: added p50}
     for (section, query), cells in sections.items():
         print(f"## {titles.get(section, section)}: {query}")
