@@ -61,36 +61,51 @@ async fn leases_are_renewed_until_taken_over_or_released() {
     const SECOND: i64 = 1_000_000;
     for (name, store, _dir) in stores().await {
         let hash = unique_hash();
-        let (mine, theirs) = (Window { start: 0, end: HOUR }, Window { start: HOUR, end: 2 * HOUR });
+        // Owners of this test only: the PostgreSQL database is shared with the other tests.
+        let [a, b, c] = ["a", "b", "c"].map(|owner| format!("{owner}-{hash}"));
+        let window = |hour: i64| Window { start: hour * HOUR, end: (hour + 1) * HOUR };
+        let (mine, theirs, forgotten) = (window(0), window(1), window(2));
         let now = 10 * HOUR;
-        let claim = |owner: &'static str, window: Window, at: i64| {
-            let store = store.clone();
-            let hash = hash.clone();
+        let claim = |owner: &str, window: Window, at: i64| {
+            let (store, hash, owner) = (store.clone(), hash.clone(), owner.to_string());
             async move {
                 let key = JobKey { team_id: 7, rule: "r", query_hash: &hash };
-                store.claim(&key, &[window], owner, at, Duration::from_secs(60)).await.unwrap().pop().map(|(_, id)| id)
+                store.claim(&key, &[window], &owner, at, Duration::from_secs(60)).await.unwrap().pop().map(|(_, id)| id)
             }
         };
-        let a = claim("a", mine, now).await.unwrap();
-        let c = claim("c", theirs, now + 80 * SECOND).await.unwrap();
+        let job = |id: String| {
+            let (store, hash) = (store.clone(), hash.clone());
+            async move {
+                let filter = JobFilter { query_hash: Some(hash), limit: 10, ..JobFilter::default() };
+                store.list(&filter).await.unwrap().into_iter().find(|job| job.id == id).unwrap()
+            }
+        };
+        let a_mine = claim(&a, mine, now).await.unwrap();
+        let a_forgotten = claim(&a, forgotten, now).await.unwrap();
+        let c_theirs = claim(&c, theirs, now + 80 * SECOND).await.unwrap();
         // a's renewal comes late, after its lease ran out, but before anyone took the window
         // over: the build goes on and nobody builds the window a second time.
-        store.renew(std::slice::from_ref(&a), "a", now + 190 * SECOND).await.unwrap();
-        assert_eq!(claim("b", mine, now + 90 * SECOND).await, None, "{name}: a renewed lease holds");
-        // "a" stops: its lease ends now, and a renewal racing with the release (its clock read
-        // before the release) does not revive it.
-        assert_eq!(store.release("a", now + 100 * SECOND).await.unwrap(), 1, "{name}: only a's pending job");
-        store.renew(std::slice::from_ref(&a), "a", now + 300 * SECOND).await.unwrap();
-        assert!(claim("b", mine, now + 101 * SECOND).await.is_some(), "{name}: taken over at once");
-        assert_eq!(claim("b", theirs, now + 101 * SECOND).await, None, "{name}: c's lease is untouched");
-        assert_eq!(store.release("a", now + 102 * SECOND).await.unwrap(), 0, "{name}");
+        store.renew(std::slice::from_ref(&a_mine), &a, now + 190 * SECOND).await.unwrap();
+        assert_eq!(claim(&b, mine, now + 90 * SECOND).await, None, "{name}: a renewed lease holds");
+        // a stops: its leases end now (one already over stays over), and a renewal racing with
+        // the release (its clock read before the release) does not revive them.
+        assert_eq!(store.release(&a, now + 100 * SECOND).await.unwrap(), 2, "{name}: a's pending jobs");
+        let given_up = job(a_forgotten.clone()).await;
+        assert_eq!((given_up.lease_owner, given_up.lease_expires_at), (None, Some(now + 60 * SECOND)), "{name}");
+        store.renew(&[a_mine, a_forgotten], &a, now + 300 * SECOND).await.unwrap();
+        assert!(claim(&b, mine, now + 101 * SECOND).await.is_some(), "{name}: taken over at once");
+        assert!(claim(&b, forgotten, now + 101 * SECOND).await.is_some(), "{name}: taken over at once");
+        assert_eq!(claim(&b, theirs, now + 101 * SECOND).await, None, "{name}: c's lease is untouched");
+        assert_eq!(store.release(&a, now + 102 * SECOND).await.unwrap(), 0, "{name}");
         // c's lease runs out and b takes its window over: c's renewal no longer touches its job.
-        assert!(claim("b", theirs, now + 150 * SECOND).await.is_some(), "{name}: taken over after the lease");
-        store.renew(std::slice::from_ref(&c), "c", now + 400 * SECOND).await.unwrap();
-        let filter = JobFilter { query_hash: Some(hash.clone()), limit: 10, ..JobFilter::default() };
-        let jobs = store.list(&filter).await.unwrap();
-        let old = jobs.iter().find(|job| job.id == c).unwrap();
-        assert_eq!((old.status, old.lease_expires_at), (Status::Failed, Some(now + 140 * SECOND)), "{name}");
+        assert!(claim(&b, theirs, now + 150 * SECOND).await.is_some(), "{name}: taken over after the lease");
+        store.renew(std::slice::from_ref(&c_theirs), &c, now + 400 * SECOND).await.unwrap();
+        let taken_over = job(c_theirs).await;
+        assert_eq!(
+            (taken_over.status, taken_over.lease_expires_at),
+            (Status::Failed, Some(now + 140 * SECOND)),
+            "{name}"
+        );
     }
 }
 
