@@ -15,7 +15,7 @@ use tracing_subscriber::{EnvFilter, Registry, reload};
 use crate::admin::Admin;
 use crate::config::{Config, LogFormat, Mode, SettingsArgs};
 use crate::http::log_lines;
-use crate::http::server::{self, Workers};
+use crate::http::server::{self, ListenerSettings, Workers};
 use crate::http::tls_listener::ListenerTls;
 use crate::preagg::Engine;
 use crate::preagg::clickhouse::ClickHouse;
@@ -107,22 +107,25 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         workers = config.workers,
         "serving"
     );
-    let grace = config.shutdown_grace;
+    let settings = ListenerSettings {
+        tls: listen_tls.clone(),
+        send_timeout: config.client_send_timeout,
+        grace: config.shutdown_grace,
+    };
     let workers = Workers::start(
         config.workers,
         || {
             let proxy = Arc::new(proxy.for_worker(config.workers));
             move |request, peer| Arc::clone(&proxy).handle(request, peer)
         },
-        listen_tls.clone(),
-        grace,
+        settings.clone(),
     )
     .context("starting the worker threads")?;
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         move |request, _| Arc::clone(&admin).handle(request),
         shutdown.clone(),
-        grace,
+        ListenerSettings { tls: None, ..settings },
     ));
     tokio::select! {
         () = workers.accept(listener, &shutdown) => {}
@@ -220,6 +223,7 @@ const RESTART_KEYS: &[&str] = &[
     "connect_timeout",
     "upstream_timeout",
     "shutdown_grace",
+    "client_send_timeout",
     "workers",
     "log_format",
     "job_cache_capacity",

@@ -47,6 +47,11 @@ pub const KEYS: &[KeySpec] = &[
         "PEM certificate chain (server certificate first): with tls_key_file, `listen` speaks HTTPS only",
     ),
     key("tls_key_file", None, "PEM private key of tls_cert_file (PKCS#8, PKCS#1 or SEC1)"),
+    key(
+        "client_send_timeout",
+        Some("60s"),
+        "Longest a client may take none of an answer before its connection is dropped (nginx's send_timeout)",
+    ),
     key("upstream", Some("http://127.0.0.1:8123"), "ClickHouse HTTP endpoint queries are forwarded to"),
     key("store", Some("sqlite://preagg-jobs.db"), "Job store: sqlite://PATH (embedded default) or postgres://..."),
     key(
@@ -341,6 +346,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The certificate the client listener presents; `None`: plain HTTP.
     pub listen_tls: Option<ListenerCert>,
+    /// How long a client may take none of an answer.
+    pub client_send_timeout: Duration,
     /// ClickHouse endpoint that receives forwarded queries.
     pub upstream: Endpoint,
     /// Job store URL.
@@ -505,6 +512,7 @@ impl Config {
         Ok(Config {
             listen: m.parse("listen", parse_addr)?,
             listen_tls: m.listener_cert()?,
+            client_send_timeout: m.parse("client_send_timeout", parse_positive_duration)?,
             upstream,
             store: m.parse("store", parse_store)?,
             store_timeout: m.parse("store_timeout", parse_duration)?,
@@ -563,6 +571,7 @@ impl Config {
                 "tls_key_file = {}",
                 self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::describe_key_file)
             ),
+            format!("client_send_timeout = {:?}", self.client_send_timeout),
             format!("upstream = {}", self.upstream.redacted()),
             format!("store = {store}"),
             format!("store_timeout = {:?}", self.store_timeout),
@@ -706,6 +715,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration such as 30s, 2h or 7d: {e}"))
 }
 
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err(format!("`{s}` is no time at all: give a positive duration such as 60s")),
+        positive => Ok(positive),
+    }
+}
+
 fn parse_positive<T: std::str::FromStr + PartialOrd + Default>(s: &str) -> Result<T, String> {
     match s.parse::<T>() {
         Ok(v) if v > T::default() => Ok(v),
@@ -805,6 +821,9 @@ mod tests {
         assert!(err.contains("`seal_after`") && err.contains("PREAGG_SEAL_AFTER"), "{err}");
         let err = Config::load(&args(&[("upstream", "ftp://x")]), None).unwrap_err().to_string();
         assert!(err.contains("`upstream`"), "{err}");
+        // No time at all would fail every write that has to wait.
+        let err = Config::load(&args(&[("client_send_timeout", "0s")]), None).unwrap_err().to_string();
+        assert!(err.contains("`client_send_timeout`") && err.contains("no time at all"), "{err}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::equivalence::{Answer, exec, forms, run, same_rows, until_rewritten};
 use common::relay::{Mode, Relay};
-use common::{ChServer, ProxyProcess, client, python, root, wait_for, wait_until};
+use common::{ChServer, ProxyProcess, client, python, read_until, root, wait_for, wait_until};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -828,5 +828,27 @@ async fn clients_that_hang_up_before_the_answer_leave_the_in_flight_gauge() {
     assert_eq!(in_flight(&proxy).await, 0.0, "requests counted in flight with no client connected");
     let closed = proxy.log_lines().iter().filter(|l| l["outcome"] == "client_closed").count();
     assert_eq!(closed, 5, "access-log lines of the abandoned requests:\n{}", proxy.log_text());
+    assert_healthy(&proxy);
+}
+
+/// A client that stops reading its answer holds its connection only for `client_send_timeout`:
+/// then the connection is dropped, and the request leaves the in-flight gauge with its access line
+/// (not complete), as a client that hangs up does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_answer_is_dropped_after_the_send_timeout() {
+    let _serial = SERIAL.lock().await;
+    let proxy = ProxyProcess::start(&SERVER.url(), &[("client_send_timeout", "1s")]);
+    let mut stuck = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    // About 40 MB, more than the sockets between the proxy and the client hold.
+    stuck.write_all(raw_request("SELECT number FROM numbers(5000000)").as_bytes()).await.unwrap();
+    let cut = |lines: &Vec<serde_json::Value>| {
+        lines.iter().any(|l| l["complete"] == false && l["bytes"].as_u64().is_some_and(|bytes| bytes > 0))
+    };
+    let access_lines =
+        || async { proxy.log_lines().into_iter().filter(|l| l["target"] == "preagg_proxy::access").collect() };
+    read_until("the access line of the answer given up", Duration::from_secs(30), access_lines, cut).await;
+    assert_eq!(in_flight(&proxy).await, 0.0, "the request is over");
+    drop(stuck);
+    assert_answers_as_direct(&proxy, &SERVER.url(), &[query()]).await;
     assert_healthy(&proxy);
 }

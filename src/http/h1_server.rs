@@ -10,8 +10,9 @@
 //!
 //! Keep-alive follows RFC 9112 (HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
 //! `Connection: keep-alive`); a connection is closed after a response whose request body was not
-//! read to its end, after a body that failed, and when `shutdown` is cancelled (an idle connection
-//! at once, a busy one after its response, which then says `Connection: close`).
+//! read to its end, after a body that failed, when its client takes none of an answer for the
+//! send timeout, and when it is told to close (an idle connection at once, a busy one after its
+//! response, which then says `Connection: close`).
 
 use std::fmt::Write as _;
 use std::future::{Future, poll_fn};
@@ -463,13 +464,14 @@ enum NextHead {
 }
 
 /// Waits for the next request head: the one already buffered, or bytes from the client until one
-/// is complete. `deadline` bounds the whole head; `shutdown` ends the wait unless a head has
-/// begun. Both are created once per connection: polled here only, they cost a request nothing
-/// unless it has to wait.
+/// is complete. `deadline` bounds the whole head; `close` ends the wait, unless a head has begun
+/// and the server is `draining` (it is then answered, within the drain's grace). Both futures are created once per
+/// connection: polled here only, they cost a request nothing unless it has to wait.
 async fn next_head(
     reader: &Mutex<Reader>,
     mut deadline: Option<Pin<&mut Sleep>>,
-    mut shutdown: Pin<&mut WaitForCancellationFutureOwned>,
+    mut close: Pin<&mut WaitForCancellationFutureOwned>,
+    draining: &CancellationToken,
 ) -> NextHead {
     poll_fn(|cx| {
         let mut reader = lock(reader);
@@ -498,8 +500,8 @@ async fn next_head(
             }
         }
         let timed_out = deadline.as_mut().is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-        let shut_down = reader.buffer.is_empty() && shutdown.as_mut().poll(cx).is_ready();
-        if timed_out || shut_down { Poll::Ready(NextHead::Closing) } else { Poll::Pending }
+        let closed = close.as_mut().poll(cx).is_ready() && (reader.buffer.is_empty() || !draining.is_cancelled());
+        if timed_out || closed { Poll::Ready(NextHead::Closing) } else { Poll::Pending }
     })
     .await
 }
@@ -508,7 +510,7 @@ async fn next_head(
 /// writing side first, then what the client still sends (a body that was not read) is read
 /// and dropped for a while, since closing a socket with unread bytes resets the connection, and
 /// a reset can overtake the response (nginx's lingering close).
-async fn close(mut write: WriteSide, reader: &Mutex<Reader>) {
+async fn close_lingering(mut write: WriteSide, reader: &Mutex<Reader>) {
     // Over TLS the shutdown writes a close_notify, which a client that reads nothing would hold up.
     let _ = tokio::time::timeout(LINGER, write.shutdown()).await;
     let drained = poll_fn(|cx| {
@@ -524,34 +526,44 @@ async fn close(mut write: WriteSide, reader: &Mutex<Reader>) {
     let _ = tokio::time::timeout(LINGER, drained).await;
 }
 
+/// What ends a connection besides its client, and what bounds it.
+#[derive(Debug, Clone)]
+pub struct ConnectionControl {
+    /// Cancelled when the connection is to close (the server drains, or the connection went
+    /// idle): at once between requests, else after the answer.
+    pub close: CancellationToken,
+    /// Cancelled when the server drains: a request head already begun is then still read and
+    /// answered. (A connection closed for idleness drops it.)
+    pub draining: CancellationToken,
+    /// The first request head must arrive whole within this; later ones are left to the
+    /// caller's idle watch.
+    pub first_head_timeout: std::time::Duration,
+    /// Longest the client may take none of an answer before the connection is dropped.
+    pub send_timeout: std::time::Duration,
+}
+
 /// Serves the requests of one client connection with `handler` until the connection closes or
-/// `shutdown` is cancelled (then at once if no request head has begun, else after its answer).
-/// The first request head must arrive whole within `first_head_timeout`; later ones are left to
-/// the caller's idle watch. A connection this side closes is shut down, not just dropped: a TLS
+/// is closed by `control`. A connection this side closes is shut down, not just dropped: a TLS
 /// client is sent a close_notify, which tells it that nothing was cut off.
-pub async fn serve_connection<H, F, B>(
-    stream: ClientStream,
-    peer: SocketAddr,
-    handler: H,
-    shutdown: CancellationToken,
-    first_head_timeout: std::time::Duration,
-) where
+pub async fn serve_connection<H, F, B>(stream: ClientStream, peer: SocketAddr, handler: H, control: ConnectionControl)
+where
     H: Fn(Request<ClientBody>, SocketAddr) -> F,
     F: Future<Output = Response<B>>,
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let (read, mut write) = stream.split();
+    let ConnectionControl { close, draining, first_head_timeout, send_timeout } = control;
+    let (read, mut write) = stream.split(send_timeout);
     let buffer = BytesMut::with_capacity(READ_BYTES);
     let reader = Mutex::new(Reader { io: read, buffer, body: BodyDecoder::Done, body_failed: false, scanned: 0 });
     let reader = Arc::new(reader);
     let mut first_head_deadline = pin!(tokio::time::sleep(first_head_timeout));
-    let mut shutdown_requested = pin!(shutdown.clone().cancelled_owned());
+    let mut close_requested = pin!(close.clone().cancelled_owned());
     let mut out = BytesMut::with_capacity(1024);
     let mut first = true;
     loop {
         let deadline = first.then_some(first_head_deadline.as_mut());
-        let head = match next_head(&reader, deadline, shutdown_requested.as_mut()).await {
+        let head = match next_head(&reader, deadline, close_requested.as_mut(), &draining).await {
             NextHead::Head(head) => head,
             NextHead::ClientGone => return,
             NextHead::Closing => {
@@ -563,7 +575,7 @@ pub async fn serve_connection<H, F, B>(
                 let (answer, status) = refusal(&error);
                 tracing::info!(target: "preagg_proxy::access", status, error = ?error, %peer, "request head refused");
                 let _ = write.write_all(&answer).await;
-                close(write, &reader).await;
+                close_lingering(write, &reader).await;
                 return;
             }
         };
@@ -591,7 +603,7 @@ pub async fn serve_connection<H, F, B>(
             tracing::debug!(%peer, "client closed the connection while its request was handled");
             return;
         };
-        if shutdown.is_cancelled() || body_left_unread(&reader) {
+        if close.is_cancelled() || body_left_unread(&reader) {
             keep_alive = false;
         }
         out.clear();
@@ -603,7 +615,7 @@ pub async fn serve_connection<H, F, B>(
         // A request body not read to its end leaves the connection mid-request.
         let body_read = lock(&reader).body == BodyDecoder::Done;
         if !keep_alive || !body_read {
-            close(write, &reader).await;
+            close_lingering(write, &reader).await;
             return;
         }
     }
@@ -761,7 +773,7 @@ mod tests {
     use futures_util::StreamExt;
     use http_body_util::{Full, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpStream;
 
     use super::*;
 
@@ -933,13 +945,37 @@ mod tests {
         }
     }
 
+    /// The send timeout of the tests' servers.
+    const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// What closes the tests' connections: `closing`, a first head within 10 s, the send timeout.
+    fn test_control(closing: &CancellationToken) -> ConnectionControl {
+        ConnectionControl {
+            close: closing.clone(),
+            draining: closing.clone(),
+            first_head_timeout: Duration::from_secs(10),
+            send_timeout: SEND_TIMEOUT,
+        }
+    }
+
+    /// The length of `/large`'s answer.
+    const LARGE: usize = 8 * 1024 * 1024;
+
+    /// The size asked for the echo server's send buffers and small client receive buffers.
+    const SOCKET_BUFFER: u32 = 64 * 1024;
+
     /// A server on a free port whose handler echoes the method, path and body; `/never` never
-    /// answers and `/stalls` never ends its body (each reports being dropped, see [`EchoServer`]),
-    /// `/broken` answers with a chunked body that fails after its first piece, `/ignores`
-    /// answers without reading the request body, `/slow` echoes after 50 ms.
+    /// answers and `/stalls` never ends its body, `/large` answers [`LARGE`] bytes (each reports
+    /// its handler or body being dropped, see [`EchoServer`]), `/broken` answers with a chunked
+    /// body that fails after its first piece, `/ignores` answers without reading the request
+    /// body, `/slow` echoes after 50 ms.
     async fn echo_server() -> EchoServer {
         let (dropped, reports) = tokio::sync::mpsc::unbounded_channel();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Small send buffers, so that `/large` fills them whatever the system's defaults.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(SOCKET_BUFFER).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(64).unwrap();
         let address = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let closing = shutdown.clone();
@@ -964,6 +1000,18 @@ mod tests {
                             });
                             return Response::new(StreamBody::new(first.chain(stalled)).boxed_unsync());
                         }
+                        if path == "/large" {
+                            let report = Report(dropped);
+                            let data =
+                                futures_util::stream::iter([Ok::<_, io::Error>(Frame::data(Bytes::from(vec![
+                                    b'x';
+                                    LARGE
+                                ])))]);
+                            let reported = data.inspect(move |_| {
+                                let _reported_on_drop = &report;
+                            });
+                            return Response::new(StreamBody::new(reported).boxed_unsync());
+                        }
                         if path == "/slow" {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
@@ -987,7 +1035,7 @@ mod tests {
                     }
                 };
                 let stream = ClientStream::Plain(stream);
-                tokio::spawn(serve_connection(stream, peer, handler, closing.clone(), Duration::from_secs(10)));
+                tokio::spawn(serve_connection(stream, peer, handler, test_control(&closing)));
             }
         });
         EchoServer { address, shutdown, reports }
@@ -998,13 +1046,20 @@ mod tests {
         address: SocketAddr,
         /// Cancelled: the server shuts down gracefully.
         shutdown: CancellationToken,
-        /// One message per handler or body of `/never` and `/stalls` dropped.
+        /// One message per handler or body of `/never`, `/stalls` and `/large` dropped.
         reports: tokio::sync::mpsc::UnboundedReceiver<()>,
     }
 
     impl EchoServer {
         async fn connect(&self) -> TcpStream {
             TcpStream::connect(self.address).await.unwrap()
+        }
+
+        /// A connection whose receive buffer is small (as the server's send buffers).
+        async fn connect_small(&self) -> TcpStream {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(SOCKET_BUFFER).unwrap();
+            socket.connect(self.address).await.unwrap()
         }
     }
 
@@ -1135,6 +1190,39 @@ mod tests {
         assert!(waited >= Duration::from_secs(10) && waited <= Duration::from_secs(12), "closed after {waited:?}");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_none_of_its_answer_for_the_send_timeout_is_cut_off() {
+        let mut server = echo_server().await;
+        let mut stuck = server.connect_small().await;
+        stuck.write_all(b"GET /large HTTP/1.1\r\n\r\n").await.unwrap();
+        let asked = tokio::time::Instant::now();
+        let given_up = tokio::time::timeout(SEND_TIMEOUT * 10, server.reports.recv()).await;
+        given_up.expect("the answer was given up");
+        let waited = asked.elapsed();
+        assert!(waited >= SEND_TIMEOUT && waited <= SEND_TIMEOUT * 2, "given up after {waited:?}");
+
+        // A client that reads, however slowly, is not cut off: the timeout is for one wait.
+        let mut slow = server.connect_small().await;
+        slow.write_all(b"GET /large HTTP/1.1\r\n\r\n").await.unwrap();
+        let (mut received, mut piece) = (0, vec![0; 1024 * 1024]);
+        let started = tokio::time::Instant::now();
+        while received < LARGE {
+            tokio::time::sleep(SEND_TIMEOUT / 4).await;
+            let n = slow.read(&mut piece).await.unwrap();
+            assert!(n > 0, "closed after {received} bytes");
+            received += n;
+        }
+        assert!(started.elapsed() > SEND_TIMEOUT * 2, "the answer took {:?}", started.elapsed());
+
+        // Nor is an answer whose body keeps it waiting (a long query): no write waits meanwhile.
+        let mut waiting = server.connect().await;
+        waiting.write_all(b"GET /stalls HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(read_until(&mut waiting, "first").await.starts_with("HTTP/1.1 200 OK\r\n"));
+        tokio::time::sleep(SEND_TIMEOUT * 10).await;
+        let still_open = tokio::time::timeout(Duration::from_millis(1), waiting.read(&mut piece)).await;
+        assert!(still_open.is_err(), "the connection of an answer waiting for its body was closed");
+    }
+
     /// A TLS server over a socket with a small send buffer, serving one connection whose every
     /// answer is `length` bytes of `x` (at `/pending`, in a body that then never ends); and a
     /// client trusting it, with a small receive buffer.
@@ -1161,7 +1249,7 @@ mod tests {
                 let body = StreamBody::new(first.chain(futures_util::stream::pending()));
                 Response::new(body.boxed_unsync())
             };
-            serve_connection(stream, peer, handler, CancellationToken::new(), Duration::from_secs(10)).await;
+            serve_connection(stream, peer, handler, test_control(&CancellationToken::new())).await;
         });
         let trusting = ClientTls::from_ca_file(&cert).unwrap();
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -1169,6 +1257,17 @@ mod tests {
         let tcp = socket.connect(address).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         tokio_rustls::TlsConnector::from(trusting.rustls_config()).connect(name, tcp).await.unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tls_client_that_sends_no_head_in_time_is_sent_a_close_notify() {
+        let mut client = tls_pair(1).await;
+        let connected = tokio::time::Instant::now();
+        let read = tokio::time::timeout(Duration::from_secs(60), client.read(&mut [0; 64])).await;
+        // Ok(0) only after a close_notify: a bare end of the stream is an error.
+        assert_eq!(read.expect("the server closed the connection").unwrap(), 0);
+        let waited = connected.elapsed();
+        assert!(waited <= Duration::from_secs(10), "closed after {waited:?}");
     }
 
     /// Reads slowly from `client` until the bytes after the response head hold `length` bytes

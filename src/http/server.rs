@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::client_io::ClientStream;
-use super::h1_server::{self, ClientBody};
+use super::h1_server::{self, ClientBody, ConnectionControl};
 use super::idle::{Activity, InFlightBody};
 use super::log_lines;
 use super::tls_listener::ListenerTls;
@@ -30,13 +30,20 @@ use super::tls_listener::ListenerTls;
 /// request in flight for this long (up to half as long again) is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long a connection told to close for idleness may stay quiet before it is dropped: one
-/// stuck in a request head it will never finish does not close by itself.
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How a listener serves its connections, besides its handler.
+#[derive(Clone)]
+pub struct ListenerSettings {
+    /// The listener's TLS, if it speaks HTTPS.
+    pub tls: Option<ListenerTls>,
+    /// Longest a client may take none of an answer before its connection is dropped.
+    pub send_timeout: Duration,
+    /// On shutdown, how long in-flight requests may drain.
+    pub grace: Duration,
+}
 
 /// Serves `handler` on `listener` in the current runtime until `shutdown` is cancelled, then
-/// drains for up to `grace`.
-pub async fn serve<H, F, B>(listener: TcpListener, handler: H, shutdown: CancellationToken, grace: Duration)
+/// drains for up to `settings.grace`.
+pub async fn serve<H, F, B>(listener: TcpListener, handler: H, shutdown: CancellationToken, settings: ListenerSettings)
 where
     H: Fn(Request<ClientBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
@@ -46,10 +53,18 @@ where
     let connections = Connections::default();
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     while let Some((stream, peer)) = accept(&listener, &local, &shutdown).await {
-        connections.spawn(serve_connection(stream, peer, None, handler.clone(), connections.closing.clone()));
+        let (tls, send_timeout) = (settings.tls.clone(), settings.send_timeout);
+        connections.spawn(serve_connection(
+            stream,
+            peer,
+            tls,
+            send_timeout,
+            handler.clone(),
+            connections.closing.clone(),
+        ));
     }
     drop(listener);
-    connections.drain(&local, grace).await;
+    connections.drain(&local, settings.grace).await;
 }
 
 /// The next connection, or `None` once `shutdown` is cancelled.
@@ -79,6 +94,7 @@ async fn serve_connection<H, F, B>(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<ListenerTls>,
+    send_timeout: Duration,
     handler: H,
     closing: CancellationToken,
 ) where
@@ -107,8 +123,9 @@ async fn serve_connection<H, F, B>(
         async move { handler(request, peer).await.map(|body| InFlightBody::new(body, in_flight)) }
     };
     // Cancelled when the listener drains, or when this connection goes idle.
-    let closing = closing.child_token();
-    let mut connection = pin!(h1_server::serve_connection(stream, peer, counted, closing.clone(), first_head_timeout));
+    let close = closing.child_token();
+    let control = ConnectionControl { close: close.clone(), draining: closing, first_head_timeout, send_timeout };
+    let mut connection = pin!(h1_server::serve_connection(stream, peer, counted, control));
     // The watch's timer fires twice a timeout; the connection wakes this task a few times per
     // request. In a `FuturesUnordered` the watch is polled only when its own timer woke it.
     let mut idle: FuturesUnordered<_> = [activity.idle_for(HEADER_READ_TIMEOUT)].into_iter().collect();
@@ -116,13 +133,12 @@ async fn serve_connection<H, F, B>(
         () = connection.as_mut() => return,
         Some(()) = idle.next() => tracing::debug!(%peer, "idle connection closed"),
     }
-    // Closed the way a draining listener closes it, so a TLS client gets its close_notify. A
-    // request that slipped in meanwhile is answered; a head begun and never finished is dropped.
-    closing.cancel();
-    tokio::select! {
-        () = connection => {}
-        () = activity.idle_for(IDLE_CLOSE_GRACE) => {}
-    }
+    // Closed between requests, so that a TLS client gets its close_notify: at once, also with a
+    // head begun and never finished; a request that slipped in meanwhile is answered first. What
+    // is left to wait for is bounded: the answer's writes by the send timeout, the close by
+    // h1_server's linger time.
+    close.cancel();
+    connection.await;
 }
 
 /// Runs a new connection's TLS handshake within the first head's timeout; `None` when it fails,
@@ -206,10 +222,8 @@ impl Drop for OpenConnection {
 /// What one worker thread needs besides its connections and handler.
 struct Worker {
     index: usize,
-    /// TLS of the listener, if it speaks HTTPS.
-    tls: Option<ListenerTls>,
+    settings: ListenerSettings,
     open: Arc<[AtomicUsize]>,
-    grace: Duration,
     release: CancellationToken,
 }
 
@@ -232,13 +246,14 @@ impl Worker {
         while let Some((stream, peer)) = connections.recv().await {
             let counted = OpenConnection { open: Arc::clone(&self.open), worker: self.index };
             let Ok(stream) = TcpStream::from_std(stream) else { continue };
-            let connection = serve_connection(stream, peer, self.tls.clone(), handler.clone(), served.closing.clone());
+            let (tls, send_timeout) = (self.settings.tls.clone(), self.settings.send_timeout);
+            let connection = serve_connection(stream, peer, tls, send_timeout, handler.clone(), served.closing.clone());
             served.spawn(async move {
                 connection.await;
                 drop(counted);
             });
         }
-        served.drain(&format!("worker {}", self.index), self.grace).await;
+        served.drain(&format!("worker {}", self.index), self.settings.grace).await;
         let _ = drained.send(());
         // Connections this runtime opened (pooled, shared with other workers) stay usable until
         // every worker has drained.
@@ -249,13 +264,12 @@ impl Worker {
 
 impl Workers {
     /// Starts `count` worker threads, each serving the connections it is handed with its own
-    /// handler from `make_handler` (over `tls`, if given), until the accept loop ends; each then
-    /// drains for up to `grace`.
+    /// handler from `make_handler` as `settings` say, until the accept loop ends; each then
+    /// drains for up to `settings.grace`.
     pub fn start<H, F, B>(
         count: usize,
         mut make_handler: impl FnMut() -> H,
-        tls: Option<ListenerTls>,
-        grace: Duration,
+        settings: ListenerSettings,
     ) -> std::io::Result<Workers>
     where
         H: Fn(Request<ClientBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -275,8 +289,8 @@ impl Workers {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (inbox, connections) = mpsc::unbounded_channel::<(std::net::TcpStream, SocketAddr)>();
             let (drained, drained_receiver) = oneshot::channel();
-            let worker =
-                Worker { index, tls: tls.clone(), open: Arc::clone(&open), grace, release: workers.release.clone() };
+            let settings = settings.clone();
+            let worker = Worker { index, settings, open: Arc::clone(&open), release: workers.release.clone() };
             let handler = make_handler();
             let thread = std::thread::Builder::new().name(format!("preagg-worker-{index}")).spawn(move || {
                 // Written out when the thread ends, after the runtime (and what it logs as it
@@ -388,13 +402,18 @@ mod tests {
         }
     }
 
+    /// A plain listener's settings, draining for `grace`.
+    fn plain(grace: Duration) -> ListenerSettings {
+        ListenerSettings { tls: None, send_timeout: Duration::from_secs(60), grace }
+    }
+
     /// Has a fresh server answer one request on a plain connection, sends `then` on it, and
     /// returns how long the server took to close the connection after that.
     async fn closed_after_an_answer_and(then: &[u8]) -> Duration {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, thread_name(), CancellationToken::new(), Duration::from_secs(1)));
+        tokio::spawn(serve(listener, thread_name(), CancellationToken::new(), plain(Duration::from_secs(1))));
         let mut client = TcpStream::connect(address).await.unwrap();
         client.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").await.unwrap();
         let mut answer = vec![0; 4096];
@@ -412,10 +431,9 @@ mod tests {
     async fn a_keep_alive_connection_left_idle_is_closed_after_the_header_read_timeout() {
         let idle = closed_after_an_answer_and(b"").await;
         assert!(idle >= HEADER_READ_TIMEOUT && idle <= HEADER_READ_TIMEOUT * 3 / 2, "closed after {idle:?}");
-        // A head begun and never finished: told to close, the connection cannot; it is dropped.
+        // A head begun and never finished is closed as well.
         let stalled = closed_after_an_answer_and(b"GET / HT").await;
-        let latest = HEADER_READ_TIMEOUT * 3 / 2 + IDLE_CLOSE_GRACE * 3 / 2;
-        assert!(stalled >= HEADER_READ_TIMEOUT && stalled <= latest, "closed after {stalled:?}");
+        assert!(stalled >= HEADER_READ_TIMEOUT && stalled <= HEADER_READ_TIMEOUT * 3 / 2, "closed after {stalled:?}");
     }
 
     /// Serves `ok` over TLS on a free port until `closing` is cancelled; returns the address, a
@@ -432,7 +450,8 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = listener.accept().await.unwrap();
-                tokio::spawn(serve_connection(stream, peer, Some(tls.clone()), ok, closing.clone()));
+                let (tls, send_timeout) = (Some(tls.clone()), Duration::from_secs(60));
+                tokio::spawn(serve_connection(stream, peer, tls, send_timeout, ok, closing.clone()));
             }
         });
         let connector = tokio_rustls::TlsConnector::from(ClientTls::from_ca_file(&cert).unwrap().rustls_config());
@@ -491,7 +510,7 @@ mod tests {
     #[tokio::test]
     async fn connections_are_spread_over_the_workers_and_drained_on_shutdown() {
         let shutdown = CancellationToken::new();
-        let workers = Workers::start(2, thread_name, None, Duration::from_secs(5)).unwrap();
+        let workers = Workers::start(2, thread_name, plain(Duration::from_secs(5))).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let accepting = {
