@@ -72,6 +72,16 @@ enum Writer {
     Tls(WriteHalf<TlsStream<TcpStream>>),
 }
 
+impl Writer {
+    /// The half itself, to write to.
+    fn pinned(&mut self) -> Pin<&mut (dyn AsyncWrite + Send + Unpin)> {
+        match self {
+            Writer::Plain(write) => Pin::new(write as &mut (dyn AsyncWrite + Send + Unpin)),
+            Writer::Tls(write) => Pin::new(write as &mut (dyn AsyncWrite + Send + Unpin)),
+        }
+    }
+}
+
 impl WriteSide {
     /// Passes on what the writer did. A write that waits looks at the stall timer: when it fires
     /// with no write done since it was set, the client has taken nothing for one to two send
@@ -112,28 +122,19 @@ impl AsyncRead for ReadSide {
 impl AsyncWrite for WriteSide {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let written = match &mut this.writer {
-            Writer::Plain(write) => Pin::new(write).poll_write(cx, buf),
-            Writer::Tls(write) => Pin::new(write).poll_write(cx, buf),
-        };
+        let written = this.writer.pinned().poll_write(cx, buf);
         this.watch(cx, written)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let flushed = match &mut this.writer {
-            Writer::Plain(write) => Pin::new(write).poll_flush(cx),
-            Writer::Tls(write) => Pin::new(write).poll_flush(cx),
-        };
+        let flushed = this.writer.pinned().poll_flush(cx);
         this.watch(cx, flushed)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let shut = match &mut this.writer {
-            Writer::Plain(write) => Pin::new(write).poll_shutdown(cx),
-            Writer::Tls(write) => Pin::new(write).poll_shutdown(cx),
-        };
+        let shut = this.writer.pinned().poll_shutdown(cx);
         this.watch(cx, shut)
     }
 }

@@ -465,8 +465,9 @@ enum NextHead {
 
 /// Waits for the next request head: the one already buffered, or bytes from the client until one
 /// is complete. `deadline` bounds the whole head; `close` ends the wait, unless a head has begun
-/// and the server is `draining` (it is then answered, within the drain's grace). Both futures are created once per
-/// connection: polled here only, they cost a request nothing unless it has to wait.
+/// and the server is `draining` (it is then answered, within the drain's grace). Both futures
+/// are created once per connection: polled here only, they cost a request nothing unless it has
+/// to wait.
 async fn next_head(
     reader: &Mutex<Reader>,
     mut deadline: Option<Pin<&mut Sleep>>,
@@ -511,8 +512,7 @@ async fn next_head(
 /// and dropped for a while, since closing a socket with unread bytes resets the connection, and
 /// a reset can overtake the response (nginx's lingering close).
 async fn close_lingering(mut write: WriteSide, reader: &Mutex<Reader>) {
-    // Over TLS the shutdown writes a close_notify, which a client that reads nothing would hold up.
-    let _ = tokio::time::timeout(LINGER, write.shutdown()).await;
+    shut_down(&mut write).await;
     let drained = poll_fn(|cx| {
         let mut reader = lock(reader);
         loop {
@@ -524,6 +524,12 @@ async fn close_lingering(mut write: WriteSide, reader: &Mutex<Reader>) {
         }
     });
     let _ = tokio::time::timeout(LINGER, drained).await;
+}
+
+/// Shuts the writing side down, which over TLS writes a close_notify (the client then knows that
+/// nothing was cut off); bounded by [`LINGER`], since a client that reads nothing holds it up.
+async fn shut_down(write: &mut WriteSide) {
+    let _ = tokio::time::timeout(LINGER, write.shutdown()).await;
 }
 
 /// What ends a connection besides its client, and what bounds it.
@@ -566,11 +572,7 @@ where
         let head = match next_head(&reader, deadline, close_requested.as_mut(), &draining).await {
             NextHead::Head(head) => head,
             NextHead::ClientGone => return,
-            NextHead::Closing => {
-                // A TLS client reading on would otherwise see the connection cut short.
-                let _ = tokio::time::timeout(LINGER, write.shutdown()).await;
-                return;
-            }
+            NextHead::Closing => return shut_down(&mut write).await,
             NextHead::Refused(error) => {
                 let (answer, status) = refusal(&error);
                 tracing::info!(target: "preagg_proxy::access", status, error = ?error, %peer, "request head refused");

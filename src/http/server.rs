@@ -53,12 +53,10 @@ where
     let connections = Connections::default();
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     while let Some((stream, peer)) = accept(&listener, &local, &shutdown).await {
-        let (tls, send_timeout) = (settings.tls.clone(), settings.send_timeout);
         connections.spawn(serve_connection(
             stream,
             peer,
-            tls,
-            send_timeout,
+            settings.clone(),
             handler.clone(),
             connections.closing.clone(),
         ));
@@ -88,13 +86,13 @@ async fn accept(listener: &TcpListener, local: &str, shutdown: &CancellationToke
     }
 }
 
-/// Serves one client connection until it closes (or is closed by `closing`), over TLS when the
-/// listener has it: the handshake and the first request head share the first head's timeout.
+/// Serves one client connection as its listener's `settings` say until it closes (or is closed
+/// by `closing`), over TLS when the listener has it: the handshake and the first request head
+/// share the first head's timeout.
 async fn serve_connection<H, F, B>(
     stream: TcpStream,
     peer: SocketAddr,
-    tls: Option<ListenerTls>,
-    send_timeout: Duration,
+    settings: ListenerSettings,
     handler: H,
     closing: CancellationToken,
 ) where
@@ -104,7 +102,7 @@ async fn serve_connection<H, F, B>(
     B::Error: std::fmt::Display + Send,
 {
     let started = tokio::time::Instant::now();
-    let stream = match tls {
+    let stream = match settings.tls {
         None => ClientStream::Plain(stream),
         Some(tls) => match handshake(tls, stream, peer, closing.clone()).await {
             Some(stream) => stream,
@@ -124,6 +122,7 @@ async fn serve_connection<H, F, B>(
     };
     // Cancelled when the listener drains, or when this connection goes idle.
     let close = closing.child_token();
+    let send_timeout = settings.send_timeout;
     let control = ConnectionControl { close: close.clone(), draining: closing, first_head_timeout, send_timeout };
     let mut connection = pin!(h1_server::serve_connection(stream, peer, counted, control));
     // The watch's timer fires twice a timeout; the connection wakes this task a few times per
@@ -246,8 +245,8 @@ impl Worker {
         while let Some((stream, peer)) = connections.recv().await {
             let counted = OpenConnection { open: Arc::clone(&self.open), worker: self.index };
             let Ok(stream) = TcpStream::from_std(stream) else { continue };
-            let (tls, send_timeout) = (self.settings.tls.clone(), self.settings.send_timeout);
-            let connection = serve_connection(stream, peer, tls, send_timeout, handler.clone(), served.closing.clone());
+            let settings = self.settings.clone();
+            let connection = serve_connection(stream, peer, settings, handler.clone(), served.closing.clone());
             served.spawn(async move {
                 connection.await;
                 drop(counted);
@@ -450,8 +449,8 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (stream, peer) = listener.accept().await.unwrap();
-                let (tls, send_timeout) = (Some(tls.clone()), Duration::from_secs(60));
-                tokio::spawn(serve_connection(stream, peer, tls, send_timeout, ok, closing.clone()));
+                let settings = ListenerSettings { tls: Some(tls.clone()), ..plain(Duration::from_secs(1)) };
+                tokio::spawn(serve_connection(stream, peer, settings, ok, closing.clone()));
             }
         });
         let connector = tokio_rustls::TlsConnector::from(ClientTls::from_ca_file(&cert).unwrap().rustls_config());
