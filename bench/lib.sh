@@ -60,6 +60,23 @@ build_revision() {
     echo "$dir/target/release/preagg-proxy"
 }
 
+# preagg_header URL FILE: the X-Preagg header of one answer to FILE's query.
+preagg_header() {
+    curl -sS -o /dev/null -D - --data-binary @"$2" "$1/" | tr -d '\r' | sed -n 's/^x-preagg: //Ip'
+}
+
+# wait_rewritten URL FILE: sends FILE's query to the preagg-proxy at URL until it is answered
+# rewritten (its windows built in the background); fails after 5 minutes.
+wait_rewritten() {
+    local header="" i
+    for i in $(seq 1 600); do
+        header=$(preagg_header "$1" "$2")
+        [[ "$header" == rewritten* ]] && return 0
+        sleep 0.5
+    done
+    die "the query of $2 is not rewritten: $header"
+}
+
 # CPU time used by everything on the machine over one second, in percent of all cores.
 cpu_busy() {
     local a b

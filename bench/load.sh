@@ -92,11 +92,6 @@ if [ -n "${BENCH_BASELINE:-}" ]; then
     static_paths+=("$baseline_path")
 fi
 
-# preagg_header URL FILE: the X-Preagg header of one answer.
-preagg_header() {
-    curl -sS -o /dev/null -D - --data-binary @"$2" "$1/" | tr -d '\r' | sed -n 's/^x-preagg: //Ip'
-}
-
 # negotiated PORT: the TLS version and cipher a client of OpenSSL's defaults (as wrk) gets.
 negotiated() {
     openssl s_client -connect "127.0.0.1:$1" -servername localhost </dev/null 2>/dev/null |
@@ -193,12 +188,7 @@ fi
 if [[ " $sections " == *" clickhouse "* ]]; then
     start_proxy clickhouse "$proxy_clickhouse_port" "http://127.0.0.1:$CLICKHOUSE_PORT" rewrite
     say "Warming the experiment query through preagg-proxy (background builds)"
-    for i in $(seq 1 600); do
-        [[ "$(preagg_header "http://127.0.0.1:$proxy_clickhouse_port" "$experiment_query")" == rewritten* ]] && break
-        sleep 0.5
-    done
-    header=$(preagg_header "http://127.0.0.1:$proxy_clickhouse_port" "$experiment_query")
-    [[ "$header" == rewritten* ]] || die "the experiment query is not rewritten: $header"
+    wait_rewritten "http://127.0.0.1:$proxy_clickhouse_port" "$experiment_query"
     curl -sS --data-binary @"$experiment_query" "http://127.0.0.1:$CLICKHOUSE_PORT/" >"$work/answer-direct"
     curl -sS --data-binary @"$experiment_query" "http://127.0.0.1:$hop_clickhouse_port/" >"$work/answer-nginx"
     curl -sS --data-binary @"$experiment_query" "http://127.0.0.1:$proxy_clickhouse_port/" >"$work/answer-proxy"

@@ -91,11 +91,11 @@ say "Starting preagg-proxy"
 off_port=$(free_port)
 quiet_port=$(free_port)
 rewrite_port=$(free_port)
-baseline_port=$(free_port)
 start_proxy off "$off_port" "http://127.0.0.1:$static_port" off
 start_proxy quiet "$quiet_port" "http://127.0.0.1:$static_port" off --log-filter warn
 start_proxy rewrite "$rewrite_port" "http://127.0.0.1:$static_port" rewrite
 if [ -n "${BENCH_BASELINE:-}" ]; then
+    baseline_port=$(free_port)
     PROXY_BIN=$(build_revision "$BENCH_BASELINE") start_proxy baseline "$baseline_port" \
         "http://127.0.0.1:$static_port" off
     path_names+=("preagg-proxy --mode off @$BENCH_BASELINE")

@@ -72,14 +72,7 @@ if [ "$train_clickhouse" != 0 ]; then
     start_clickhouse 100000
     clickhouse_proxy_port=$(free_port)
     start_proxy clickhouse "$clickhouse_proxy_port" "http://127.0.0.1:$CLICKHOUSE_PORT" rewrite
-    rewritten=""
-    for _ in $(seq 1 120); do
-        rewritten=$(curl -sS -o /dev/null -D - --data-binary @"$experiment" "http://127.0.0.1:$clickhouse_proxy_port/" |
-            tr -d '\r' | sed -n 's/^x-preagg: \(rewritten\).*/\1/Ip')
-        [ -z "$rewritten" ] || break
-        sleep 0.5
-    done
-    [ -n "$rewritten" ] || die "the experiment query was never rewritten during the training"
+    wait_rewritten "http://127.0.0.1:$clickhouse_proxy_port" "$experiment"
     run_wrk 2 "$seconds" "http://127.0.0.1:$clickhouse_proxy_port/" "$experiment" 30s >&2
 fi
 
