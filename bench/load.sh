@@ -16,6 +16,12 @@
 #    baseline), nginx `listen ... ssl` with its access log, preagg-proxy `--mode off` with
 #    tls_cert_file/tls_key_file and its access log. Keep-alive connections: a handshake per
 #    connection, the records' encryption per request.
+#    Section `tls-handshake` (not run unless named) measures the same paths with a new connection
+#    for every request (`Connection: close`): a full TLS handshake per request at the hop (and a
+#    TCP handshake per request everywhere, direct included). wrk's latency clock starts once a
+#    connection is up, so there the handshake's cost is in requests/s and CPU µs/req.
+#    Section `new-connections` (not run unless named) does the same over plain HTTP: direct, nginx
+#    with its access log, preagg-proxy `--mode off`, a TCP connection per request.
 # 3. The chdb-backed ClickHouse with generated PostHog data, the experiment query of
 #    scripts/demo/experiment.sql: direct and through nginx (the original query), through
 #    preagg-proxy warm (every answer counted as rewritten by its X-Preagg header).
@@ -31,7 +37,8 @@
 #   BENCH_ROUNDS (1)              rounds of the static section: at each concurrency every path is
 #                                 measured once per round, the paths in a rotated order each round;
 #                                 the report gives medians over the rounds and each round's added p50
-#   BENCH_SECTIONS ("static clickhouse"; "tls" adds the HTTPS section)
+#   BENCH_SECTIONS ("static clickhouse"; "tls" and "tls-handshake" add the HTTPS sections,
+#                                 "new-connections" the plain one with a connection per request)
 #   BENCH_BASELINE (unset)        a git revision: its release build joins the static section as
 #                                 "preagg-proxy --mode off @REV", a before/after in one run
 #                                 (built once in .work/baseline-REV)
@@ -133,6 +140,26 @@ measure_paths() {
     done
 }
 
+# The plain paths to the static upstream, and the processes serving them.
+declare -A static_urls=(
+    [direct]="http://127.0.0.1:$static_port"
+    [nginx]="http://127.0.0.1:$hop_static_port"
+    ["nginx, access log"]="http://127.0.0.1:$hop_logged_port"
+    ["preagg-proxy --mode off"]="http://127.0.0.1:$proxy_off_port"
+    ["preagg-proxy --mode off, no access log"]="http://127.0.0.1:$proxy_quiet_port"
+    ["preagg-proxy --mode rewrite"]="http://127.0.0.1:$proxy_rewrite_port"
+)
+[ -z "${baseline_path:-}" ] || static_urls[$baseline_path]="http://127.0.0.1:$proxy_baseline_port"
+declare -A static_pids=(
+    [direct]=$(cat "$work/static.pid")
+    [nginx]=$(cat "$work/hop.pid")
+    ["nginx, access log"]=$(cat "$work/hop.pid")
+    ["preagg-proxy --mode off"]=$PROXY_PID_off
+    ["preagg-proxy --mode off, no access log"]=$PROXY_PID_quiet
+    ["preagg-proxy --mode rewrite"]=$PROXY_PID_rewrite
+)
+[ -z "${baseline_path:-}" ] || static_pids[$baseline_path]=$PROXY_PID_baseline
+
 if [[ " $sections " == *" static "* ]]; then
     say "Checking the static paths"
     [ "$(curl -sS --data-binary @"$passthrough_query" "http://127.0.0.1:$static_port/")" = 1 ] || die "static upstream"
@@ -140,28 +167,15 @@ if [[ " $sections " == *" static "* ]]; then
         die "preagg-proxy --mode off does not answer with mode_off"
     [ "$(preagg_header "http://127.0.0.1:$proxy_rewrite_port" "$passthrough_query")" = \
         "passthrough reason=not_experiment_query" ] || die "preagg-proxy --mode rewrite: unexpected X-Preagg"
-    declare -A static_urls=(
-        [direct]="http://127.0.0.1:$static_port"
-        [nginx]="http://127.0.0.1:$hop_static_port"
-        ["nginx, access log"]="http://127.0.0.1:$hop_logged_port"
-        ["preagg-proxy --mode off"]="http://127.0.0.1:$proxy_off_port"
-        ["preagg-proxy --mode off, no access log"]="http://127.0.0.1:$proxy_quiet_port"
-        ["preagg-proxy --mode rewrite"]="http://127.0.0.1:$proxy_rewrite_port"
-    )
-    [ -z "${baseline_path:-}" ] || static_urls[$baseline_path]="http://127.0.0.1:$proxy_baseline_port"
-    declare -A static_pids=(
-        [direct]=$(cat "$work/static.pid")
-        [nginx]=$(cat "$work/hop.pid")
-        ["nginx, access log"]=$(cat "$work/hop.pid")
-        ["preagg-proxy --mode off"]=$PROXY_PID_off
-        ["preagg-proxy --mode off, no access log"]=$PROXY_PID_quiet
-        ["preagg-proxy --mode rewrite"]=$PROXY_PID_rewrite
-    )
-    [ -z "${baseline_path:-}" ] || static_pids[$baseline_path]=$PROXY_PID_baseline
     measure_paths static "pass-through SELECT" static_urls static_pids "${static_paths[@]}"
 fi
 
-if [[ " $sections " == *" tls "* ]]; then
+if [[ " $sections " == *" new-connections "* ]]; then
+    WRK_CONNECTION_CLOSE=1 measure_paths new-connections "pass-through SELECT, a new connection per request" \
+        static_urls static_pids direct "nginx, access log" "preagg-proxy --mode off"
+fi
+
+if [[ " $sections " == *" tls "* || " $sections " == *" tls-handshake "* ]]; then
     start_proxy tls "$proxy_tls_port" "http://127.0.0.1:$static_port" off \
         --tls-cert-file "$work/tls/cert.pem" --tls-key-file "$work/tls/key.pem"
     say "Checking the HTTPS paths"
@@ -182,7 +196,13 @@ if [[ " $sections " == *" tls "* ]]; then
         ["nginx, HTTPS, access log"]=$(cat "$work/hop.pid")
         ["preagg-proxy --mode off, HTTPS"]=$PROXY_PID_tls
     )
-    measure_paths tls "pass-through SELECT over HTTPS" tls_urls tls_pids "${tls_paths[@]}"
+    if [[ " $sections " == *" tls "* ]]; then
+        measure_paths tls "pass-through SELECT over HTTPS" tls_urls tls_pids "${tls_paths[@]}"
+    fi
+    if [[ " $sections " == *" tls-handshake "* ]]; then
+        WRK_CONNECTION_CLOSE=1 measure_paths tls-handshake "pass-through SELECT over HTTPS, a new connection per request" \
+            tls_urls tls_pids "${tls_paths[@]}"
+    fi
 fi
 
 if [[ " $sections " == *" clickhouse "* ]]; then
@@ -223,7 +243,7 @@ fi
         echo "- chdb data: $events generated events (28 days, seed 42); query: scripts/demo/experiment.sql"
     fi
     echo "- preagg-proxy on its defaults (SQLite job store, engine ready, text log at info with one access line per request)"
-    if [[ " $sections " == *" tls "* ]]; then
+    if [[ " $sections " == *" tls "* || " $sections " == *" tls-handshake "* ]]; then
         echo "- HTTPS as negotiated by OpenSSL's defaults ($(openssl version | cut -d' ' -f1-2), as wrk): nginx $tls_nginx; preagg-proxy $tls_proxy"
     fi
     echo

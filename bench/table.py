@@ -1,10 +1,12 @@
 """Formats the RESULT lines collected by bench/load.sh as a markdown table: throughput, latency
 percentiles, the latency each hop adds over direct at the same concurrency, and the CPU time the
-hop spent per request (for direct: the upstream's own).
+hop spent per request (for direct: the upstream's own). Sections with a new connection per request
+(NEW_CONNECTIONS) give the added mean time per request instead of added percentiles, since wrk's
+latency clock leaves the connection's handshakes out.
 
 With several rounds (BENCH_ROUNDS) a cell's figures are medians over its rounds (errors and
 rewritten answers: totals), the added latency is taken within each round (against direct of the
-same round) before the median, every round's added p50 is listed, and a last table sets
+same round) before the median, every round's added figure is listed, and a last table sets
 preagg-proxy against nginx like for like, round by round."""
 
 import statistics
@@ -21,6 +23,10 @@ LIKE_FOR_LIKE = (
     ("preagg-proxy --mode off, no access log", "nginx"),
     ("preagg-proxy --mode off, HTTPS", "nginx, HTTPS, access log"),
 )
+
+
+# Sections measured with a new connection per request.
+NEW_CONNECTIONS = ("tls-handshake", "new-connections")
 
 
 def load(path):
@@ -47,6 +53,11 @@ def median(values):
     return statistics.median(values) if values else 0
 
 
+def mean_time(values, connections):
+    """The mean time a request took on its connection, in microseconds: connections ÷ requests/s."""
+    return connections * values["duration_us"] / values["requests"] if values["requests"] else 0
+
+
 def main(path):
     rows = load(path)
     direct = {(s, c, v["round"]): v for s, _, h, c, v in rows if h == "direct"}
@@ -64,20 +75,29 @@ def main(path):
     titles = {
         "static": "Static upstream (nginx answering `1\\n`)",
         "tls": "Static upstream, TLS ended at the hop",
+        "tls-handshake": "Static upstream, TLS ended at the hop, one connection per request",
+        "new-connections": "Static upstream, one connection per request",
         "clickhouse": "chdb-backed ClickHouse",
     }
     added_p50 = {}  # (section, connections, hop) -> {round: added p50}
     for (section, query), cells in sections.items():
         print(f"## {titles.get(section, section)}: {query}")
         print()
+        fresh = section in NEW_CONNECTIONS
+        if fresh:
+            print("wrk's latency clock starts once a connection is up, so the percentiles leave the "
+                  "handshakes out. Here the added time is the mean time a request takes on its "
+                  "connection, handshakes included (connections ÷ req/s), minus direct's.")
+            print()
         counting = any(v["rewritten"] + v["not_rewritten"] for runs in cells.values() for v in runs)
-        header = "| path | conns | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU µs/req | errors |"
+        added_title = "added mean ms | —" if fresh else "added p50 ms | added p99 ms"
+        header = f"| path | conns | req/s | p50 ms | p99 ms | {added_title} | CPU µs/req | errors |"
         rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         if counting:
             header += " rewritten |"
             rule += "---:|"
         if rounds > 1:
-            header += " added p50 ms by round |"
+            header += f" added {'mean' if fresh else 'p50'} ms by round |"
             rule += "---|"
         print(header)
         print(rule)
@@ -90,6 +110,10 @@ def main(path):
             if hop == "direct" or None in bases:
                 extra = ("—", "—")
                 by_round = []
+            elif fresh:
+                by_round = [mean_time(v, connections) - mean_time(b, connections) for v, b in zip(runs, bases)]
+                added_p50[(section, connections, hop)] = {v["round"]: d for v, d in zip(runs, by_round)}
+                extra = (signed(median(by_round)), "—")
             else:
                 by_round = [v["p50_us"] - b["p50_us"] for v, b in zip(runs, bases)]
                 added_p50[(section, connections, hop)] = {v["round"]: d for v, d in zip(runs, by_round)}
@@ -113,12 +137,13 @@ def main(path):
 
 
 def like_for_like(added_p50):
-    """preagg-proxy's added p50 against nginx's in the same rounds, path by path."""
-    print("## preagg-proxy against nginx, like for like (added p50)")
+    """preagg-proxy's added latency against nginx's in the same rounds, path by path: the added p50,
+    or with a new connection per request the added mean time per request."""
+    print("## preagg-proxy against nginx, like for like")
     print()
-    print("| conns | preagg-proxy path | nginx path | proxy ms (median) | nginx ms (median) | "
+    print("| conns | preagg-proxy path | nginx path | added | proxy ms (median) | nginx ms (median) | "
           "proxy − nginx ms (median of rounds) | rounds with proxy ≤ nginx |")
-    print("|---:|---|---|---:|---:|---:|---:|")
+    print("|---:|---|---|---|---:|---:|---:|---:|")
     for (section, connections, hop), proxy in sorted(added_p50.items(), key=lambda item: item[0][1]):
         for proxy_hop, nginx_hop in LIKE_FOR_LIKE:
             nginx = added_p50.get((section, connections, nginx_hop))
@@ -127,7 +152,8 @@ def like_for_like(added_p50):
             rounds = sorted(set(proxy) & set(nginx))
             differences = [proxy[r] - nginx[r] for r in rounds]
             within = sum(1 for d in differences if d <= 0)
-            print(f"| {connections} | {proxy_hop} | {nginx_hop} | {signed(median(list(proxy.values())))} | "
+            measure = "mean, new connections" if section in NEW_CONNECTIONS else "p50"
+            print(f"| {connections} | {proxy_hop} | {nginx_hop} | {measure} | {signed(median(list(proxy.values())))} | "
                   f"{signed(median(list(nginx.values())))} | {signed(median(differences))} | "
                   f"{within} of {len(differences)} |")
     print()

@@ -107,6 +107,11 @@ pub const KEYS: &[KeySpec] = &[
         "After a failed build, how long its windows are left alone before a query retries them",
     ),
     key("max_concurrent_builds", Some("2"), "Builds running at once in this process"),
+    key(
+        "max_queued_builds",
+        Some("32"),
+        "Builds waiting for a slot in this process; a query that would queue more passes through (build_queue_full)",
+    ),
     key("job_cache_capacity", Some("10000"), "Job lookups cached in memory (entries)"),
     key("job_cache_ttl", Some("30s"), "How long a cached job lookup is trusted before it is read again"),
     key("jobs_per_user", Some("false"), "Keep preaggregates per ClickHouse user (the user joins the query hash)"),
@@ -402,6 +407,8 @@ pub struct Config {
     pub build_retry_after: Duration,
     /// Concurrent builds.
     pub max_concurrent_builds: usize,
+    /// Builds waiting for one of the `max_concurrent_builds` slots; beyond it none is started.
+    pub max_queued_builds: usize,
     /// Job cache size.
     pub job_cache_capacity: u64,
     /// Job cache TTL.
@@ -542,6 +549,7 @@ impl Config {
             lease_duration: m.parse("lease_duration", parse_duration)?,
             build_retry_after: m.parse("build_retry_after", parse_duration)?,
             max_concurrent_builds: m.parse("max_concurrent_builds", parse_positive)?,
+            max_queued_builds: m.parse("max_queued_builds", parse_positive)?,
             job_cache_capacity: m.parse("job_cache_capacity", parse_positive::<u64>)?,
             job_cache_ttl: m.parse("job_cache_ttl", parse_duration)?,
             jobs_per_user: m.parse("jobs_per_user", parse_bool)?,
@@ -598,6 +606,7 @@ impl Config {
             format!("lease_duration = {:?}", self.lease_duration),
             format!("build_retry_after = {:?}", self.build_retry_after),
             format!("max_concurrent_builds = {}", self.max_concurrent_builds),
+            format!("max_queued_builds = {}", self.max_queued_builds),
             format!("job_cache_capacity = {}", self.job_cache_capacity),
             format!("job_cache_ttl = {:?}", self.job_cache_ttl),
             format!("jobs_per_user = {}", self.jobs_per_user),

@@ -73,6 +73,7 @@ fn describe() {
     describe_counter!("preagg_builds_started_total", "Window builds started (one build may fill many windows)");
     describe_counter!("preagg_builds_failed_total", "Window builds that failed");
     describe_counter!("preagg_builds_waited_total", "Queries that waited for a build (build=wait)");
+    describe_gauge!("preagg_builds_queued", "Builds waiting for a slot (max_concurrent_builds)");
     describe_histogram!("preagg_build_duration_seconds", "Duration of one build statement");
     describe_counter!("preagg_build_rows_written_total", "Rows written by builds");
     describe_counter!("preagg_job_cache_total", "Job lookups by result (hit or miss)");
@@ -153,6 +154,12 @@ pub fn build_finished(rule: &str, elapsed: Duration, rows: Option<u64>) {
         Some(rows) => counter!("preagg_build_rows_written_total", "rule" => rule.to_string()).increment(rows),
         None => counter!("preagg_builds_failed_total", "rule" => rule.to_string()).increment(1),
     }
+}
+
+/// A build began waiting for a slot (`true`) or stopped waiting (`false`).
+pub fn build_queued(waiting: bool) {
+    let gauge = gauge!("preagg_builds_queued");
+    if waiting { gauge.increment(1.0) } else { gauge.decrement(1.0) }
 }
 
 /// A query waited for its build.

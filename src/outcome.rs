@@ -73,6 +73,9 @@ pub enum Reason {
     StoreUnavailable,
     /// Building a window failed.
     BuildFailed,
+    /// `max_queued_builds` builds already wait for a slot: this query's windows are left for a
+    /// later one.
+    BuildQueueFull,
     /// The column types of the body could not be learned from ClickHouse.
     DescribeFailed,
     /// The rewritten query failed upstream; the original was sent instead.
@@ -141,6 +144,7 @@ reason_codes! {
     Building => "building",
     StoreUnavailable => "store_unavailable",
     BuildFailed => "build_failed",
+    BuildQueueFull => "build_queue_full",
     DescribeFailed => "describe_failed",
     RewrittenQueryFailed => "rewritten_query_failed",
     Shadow => "shadow",

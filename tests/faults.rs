@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::equivalence::{Answer, exec, forms, run, same_rows, until_rewritten};
 use common::relay::{Mode, Relay};
-use common::{ChServer, ProxyProcess, client, python, read_until, root, wait_for, wait_until};
+use common::{ChServer, ProxyProcess, client, metric, python, read_until, root, wait_for, wait_until};
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -801,12 +801,7 @@ async fn storms_of_client_disconnects_leave_the_proxy_as_it_was() {
 
 /// The proxy's `preagg_requests_in_flight` gauge.
 async fn in_flight(proxy: &ProxyProcess) -> f64 {
-    let metrics = client().get(format!("{}/metrics", proxy.admin_url())).send().await.unwrap().text().await.unwrap();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("preagg_requests_in_flight "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    metric(&proxy.metrics().await, "preagg_requests_in_flight", &[])
 }
 
 /// A client that hangs up before the response headers (while the proxy waits for the upstream)

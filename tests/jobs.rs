@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::equivalence::{Answer, exec, forms, run, same_rows, until_rewritten};
 use common::relay::{Mode, Relay};
-use common::{ChServer, ProxyProcess, client, read_until};
+use common::{ChServer, ProxyProcess, client, metric, read_until};
 
 const LO: &str = "2026-10-02 09:57:00.000000";
 const HI: &str = "2026-10-12 14:30:00.000000";
@@ -49,6 +49,11 @@ async fn jobs_by_window(proxy: &ProxyProcess) -> Jobs {
         out.entry(window).or_default().push(job["status"].as_str().unwrap().to_string());
     }
     out
+}
+
+/// Builds waiting for a slot, by the proxy's gauge.
+async fn builds_queued(proxy: &ProxyProcess) -> f64 {
+    metric(&proxy.metrics().await, "preagg_builds_queued", &[])
 }
 
 fn addr(url: &str) -> SocketAddr {
@@ -168,6 +173,66 @@ async fn a_build_outlives_the_query_that_stopped_waiting_for_it() {
     let jobs = jobs_by_window(&proxy).await;
     assert!(jobs.values().any(|s| s.contains(&"failed".to_string())), "the cut build failed: {jobs:?}");
     assert!(jobs.values().all(|s| s.contains(&"ready".to_string())), "{jobs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_beyond_the_queue_are_refused_while_clickhouse_holds_them_and_asked_again_later() {
+    // Three queries over disjoint days: three builds of different windows.
+    let ranges = [
+        ("2026-10-02 09:57:00.000000", "2026-10-04 14:30:00.000000"),
+        ("2026-10-05 09:57:00.000000", "2026-10-07 14:30:00.000000"),
+        ("2026-10-08 09:57:00.000000", "2026-10-10 14:30:00.000000"),
+    ];
+    let form = forms(99999, "test-experiment").remove(0);
+    let sqls: Vec<String> = ranges.iter().map(|(lo, hi)| form.query(lo, hi)).collect();
+    let mut expected = Vec::new();
+    for sql in &sqls {
+        expected.push(run(&SERVER.url(), sql).await);
+    }
+    let settings = [
+        ("build", "background"),
+        ("max_concurrent_builds", "1"),
+        ("max_queued_builds", "1"),
+        ("build_retry_after", "1s"),
+    ];
+    let (relay, proxy) = builds_through_a_relay("faults_build_queue", &settings).await;
+    relay.set(Mode::Hang);
+
+    // The first build takes the one slot and hangs in ClickHouse; the second waits for the slot.
+    let first = run(&proxy.url(), &sqls[0]).await;
+    assert_eq!(first.preagg, "passthrough reason=building");
+    read_until(
+        "the first build to hold its windows",
+        Duration::from_secs(10),
+        || jobs_by_window(&proxy),
+        |jobs| jobs.values().any(|s| s.contains(&"pending".to_string())),
+    )
+    .await;
+    let second = run(&proxy.url(), &sqls[1]).await;
+    assert_eq!(second.preagg, "passthrough reason=building");
+    read_until("the second build to queue", Duration::from_secs(10), || builds_queued(&proxy), |n| *n == 1.0).await;
+
+    // The queue is full: the third query starts no build, and says so. The second query again
+    // joins the build it queued.
+    let third = run(&proxy.url(), &sqls[2]).await;
+    assert_eq!(third.preagg, "passthrough reason=build_queue_full");
+    let second_again = run(&proxy.url(), &sqls[1]).await;
+    assert_eq!(second_again.preagg, "passthrough reason=building");
+    for (answer, range) in [&first, &second, &third, &second_again].into_iter().zip([0, 1, 2, 1]) {
+        same_rows(&expected[range], answer).unwrap();
+    }
+    assert_eq!(builds_queued(&proxy).await, 1.0, "the refused build did not queue");
+
+    // ClickHouse lets go (the held build is cut and fails): the queued build runs, and the refused
+    // one is asked again by its next query; every range ends rewritten and right.
+    relay.set(Mode::Forward);
+    for (sql, expected) in sqls.iter().zip(&expected) {
+        let warm = until_rewritten(&proxy.url(), sql, Duration::from_secs(60)).await;
+        same_rows(expected, &warm).unwrap();
+    }
+    read_until("the queue to empty", Duration::from_secs(30), || builds_queued(&proxy), |n| *n == 0.0).await;
+    let totals = proxy.metrics().await;
+    assert!(metric(&totals, "preagg_requests_total", &[("outcome", "build_queue_full")]) >= 1.0, "{totals}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::equivalence::{Answer, exec, forms, run, same_rows};
-use common::{ChServer, ProxyProcess, client, read_until, root};
+use common::{ChServer, ProxyProcess, client, metric, proxy_binary, read_until, root};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -122,19 +122,6 @@ async fn scrape(proxy: &ProxyProcess) -> String {
     let (status, text) = admin(proxy, "GET", "/metrics", None, "").await;
     assert_eq!(status, 200, "{text}");
     text
-}
-
-/// Sum of the samples of `name` whose labels include every pair of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
-            (series_name == name && labels.iter().all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\""))))
-                .then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
 }
 
 /// Ready jobs of `proxy`, by id.
@@ -579,7 +566,7 @@ async fn the_admin_api_wants_its_token_and_warming_makes_the_next_query_rewritte
 
 /// Runs the `preagg-proxy` binary: (success, stdout, stderr).
 fn cli(args: &[&str]) -> (bool, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_preagg-proxy"))
+    let output = std::process::Command::new(proxy_binary())
         .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -605,7 +592,8 @@ async fn the_warm_and_jobs_commands_work_on_the_store_the_proxy_uses() {
     std::fs::write(&other, "SELECT 1").unwrap();
 
     // On a terminal (script(1) provides one) the command draws its progress bar and reports each file.
-    let command = [&[env!("CARGO_BIN_EXE_preagg-proxy"), "warm", file.to_str().unwrap()][..], &common[..]]
+    let binary = proxy_binary().display().to_string();
+    let command = [&[binary.as_str(), "warm", file.to_str().unwrap()][..], &common[..]]
         .concat()
         .iter()
         .map(|a| format!("'{a}'"))

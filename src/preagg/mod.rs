@@ -10,7 +10,7 @@ pub mod store;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -108,6 +108,7 @@ struct Settings {
     retry_after: i64,
     jobs_per_user: bool,
     max_parse_time: Duration,
+    max_queued_builds: usize,
 }
 
 impl Settings {
@@ -123,6 +124,7 @@ impl Settings {
             retry_after: micros(config.build_retry_after),
             jobs_per_user: config.jobs_per_user,
             max_parse_time: config.max_parse_time,
+            max_queued_builds: config.max_queued_builds,
         }
     }
 }
@@ -188,10 +190,49 @@ struct Missing {
     building: usize,
     /// Their last build failed recently.
     failed: usize,
+    /// Buildable, but left alone: `max_queued_builds` builds already wait for a slot.
+    refused: usize,
 }
 
 /// Key of one in-process build: concurrent identical queries share it.
 type BuildKey = (i64, String, Vec<Window>);
+
+/// The key of building `windows` of an occurrence.
+fn build_key(found: &Found, windows: &[Window]) -> BuildKey {
+    (found.occurrence.team_id, found.query_hash.clone(), windows.to_vec())
+}
+
+/// Builds waiting for a slot, by key.
+type BuildQueue = Mutex<HashSet<BuildKey>>;
+
+/// A build waiting for a slot: its key is in the queue until this is dropped (it got its slot, or
+/// its future was dropped while it waited).
+struct QueuedBuild<'a> {
+    queue: &'a BuildQueue,
+    /// The key, when this build put it in the queue.
+    key: Option<BuildKey>,
+}
+
+impl<'a> QueuedBuild<'a> {
+    fn enter(queue: &'a BuildQueue, key: BuildKey) -> QueuedBuild<'a> {
+        let key = queue.lock().is_ok_and(|mut keys| keys.insert(key.clone())).then_some(key);
+        if key.is_some() {
+            m::build_queued(true);
+        }
+        QueuedBuild { queue, key }
+    }
+}
+
+impl Drop for QueuedBuild<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key
+            && let Ok(mut keys) = self.queue.lock()
+        {
+            keys.remove(key);
+            m::build_queued(false);
+        }
+    }
+}
 
 /// The preaggregation engine.
 pub struct Engine {
@@ -203,6 +244,8 @@ pub struct Engine {
     shapes: moka::future::Cache<String, Arc<ShapeRecord>>,
     builds: moka::future::Cache<BuildKey, usize>,
     build_slots: Arc<Semaphore>,
+    /// Builds waiting for one of `build_slots`.
+    build_queue: BuildQueue,
     tables: tokio::sync::Mutex<HashSet<String>>,
     store_down_until: AtomicI64,
     /// Set by [`stop`](Self::stop): builds no longer claim windows.
@@ -238,6 +281,7 @@ impl Engine {
             shapes: moka::future::Cache::builder().max_capacity(config.job_cache_capacity).build(),
             builds: moka::future::Cache::builder().time_to_live(Duration::from_secs(2)).build(),
             build_slots: Arc::new(Semaphore::new(config.max_concurrent_builds)),
+            build_queue: Mutex::new(HashSet::new()),
             tables: tokio::sync::Mutex::new(HashSet::new()),
             store_down_until: AtomicI64::new(0),
             stopping: AtomicBool::new(false),
@@ -436,6 +480,11 @@ impl Engine {
         let started = Instant::now();
         let settings = self.settings();
         let (mut plan, mut missing) = self.plan(found, now_micros()).await?;
+        if !missing.buildable.is_empty() && self.build_queue_full(found, &missing.buildable, &settings) {
+            // ClickHouse is not keeping up with the builds asked of it: more would only wait
+            // (and add to its load once they run). A later query asks again.
+            missing.refused = std::mem::take(&mut missing.buildable).len();
+        }
         let build = (!missing.buildable.is_empty()).then(|| {
             let windows = std::mem::take(&mut missing.buildable);
             let context = self.statement_context(analysis, context);
@@ -469,6 +518,8 @@ impl Engine {
         if !plan.serves_any() {
             return Err(if missing.failed > 0 {
                 Reason::BuildFailed
+            } else if missing.refused > 0 {
+                Reason::BuildQueueFull
             } else if missing.building > 0 || !plan.missing.is_empty() {
                 Reason::Building
             } else {
@@ -489,6 +540,13 @@ impl Engine {
         )
         .map_err(|_| Reason::Unlocatable)?;
         Ok((replacement, plan))
+    }
+
+    /// Whether building `windows` would queue a build beyond `max_queued_builds`. The same build
+    /// already queued is not one more: a query asking for it joins it.
+    fn build_queue_full(&self, found: &Found, windows: &[Window], settings: &Settings) -> bool {
+        let key = build_key(found, windows);
+        self.build_queue.lock().is_ok_and(|keys| keys.len() >= settings.max_queued_builds && !keys.contains(&key))
     }
 
     /// The plan at `now`, and what the missing windows are waiting for.
@@ -588,7 +646,7 @@ impl Engine {
         context: StatementContext,
         windows: Vec<Window>,
     ) -> Result<usize, Arc<BuildError>> {
-        let key = (found.occurrence.team_id, found.query_hash.clone(), windows.clone());
+        let key = build_key(&found, &windows);
         let engine = Arc::clone(&self);
         let result = self
             .builds
@@ -607,7 +665,9 @@ impl Engine {
         context: &StatementContext,
         windows: Vec<Window>,
     ) -> Result<usize, BuildError> {
+        let queued = QueuedBuild::enter(&self.build_queue, build_key(found, &windows));
         let Ok(_slot) = self.build_slots.acquire().await else { return Ok(0) };
+        drop(queued);
         if self.stopping.load(Ordering::SeqCst) {
             return Ok(0);
         }

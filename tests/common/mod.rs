@@ -22,6 +22,27 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Sum of the samples of `name` whose labels include every pair of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            (series_name == name && labels.iter().all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The proxy binary the tests run: cargo's build of this crate, or the one `PREAGG_TEST_PROXY_BIN`
+/// names (a release or profile-guided build, to test the binary that ships).
+pub fn proxy_binary() -> PathBuf {
+    std::env::var_os("PREAGG_TEST_PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_preagg-proxy")))
+}
+
 /// The project's Python (from `scripts/python-env.sh`, or `PREAGG_TEST_PYTHON`).
 pub fn python() -> String {
     static PYTHON: OnceLock<String> = OnceLock::new();
@@ -164,7 +185,7 @@ impl ProxyProcess {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("proxy.log");
         let store = format!("sqlite://{}", dir.path().join("jobs.db").display());
-        let mut command = Command::new(env!("CARGO_BIN_EXE_preagg-proxy"));
+        let mut command = Command::new(proxy_binary());
         command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json"])
@@ -210,6 +231,13 @@ impl ProxyProcess {
     /// Admin base URL.
     pub fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    /// The `/metrics` text of the admin listener (no admin token).
+    pub async fn metrics(&self) -> String {
+        let response = client().get(format!("{}/metrics", self.admin_url())).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
     }
 
     /// Process id.
