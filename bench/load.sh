@@ -171,8 +171,10 @@ if [[ " $sections " == *" static "* ]]; then
 fi
 
 if [[ " $sections " == *" new-connections "* ]]; then
+    fresh_paths=(direct "nginx, access log" "preagg-proxy --mode off")
+    [ -z "${baseline_path:-}" ] || fresh_paths+=("$baseline_path")
     WRK_CONNECTION_CLOSE=1 measure_paths new-connections "pass-through SELECT, a new connection per request" \
-        static_urls static_pids direct "nginx, access log" "preagg-proxy --mode off"
+        static_urls static_pids "${fresh_paths[@]}"
 fi
 
 if [[ " $sections " == *" tls "* || " $sections " == *" tls-handshake "* ]]; then

@@ -1,8 +1,9 @@
 //! The accept loop: HTTP/1.1 keep-alive connections served by a handler, and a graceful shutdown
 //! that stops accepting, lets in-flight requests finish up to a deadline, then closes the rest.
 //!
-//! Client traffic is served thread-per-core ([`Workers`]): one accept loop hands each connection
-//! to the worker thread serving the fewest, and each worker runs its own single-threaded runtime.
+//! Client traffic is served thread-per-core ([`Workers`]): one accept loop, on a thread of its own,
+//! hands each connection to the worker thread serving the fewest, and each worker runs its own
+//! single-threaded runtime.
 //! A request, its upstream connection and both body streams then stay on one thread, so passing
 //! bytes along never wakes another thread; only a new connection crosses threads, once.
 
@@ -196,11 +197,17 @@ impl Connections {
 
 /// Worker threads serving the connections of one listener; see the module documentation.
 pub struct Workers {
-    inboxes: Vec<mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
-    open: Arc<[AtomicUsize]>,
+    handoff: Handoff,
     threads: Vec<std::thread::JoinHandle<()>>,
     drained: Vec<oneshot::Receiver<()>>,
     release: CancellationToken,
+}
+
+/// Where accepted connections go: each worker's inbox, and how many connections each serves.
+#[derive(Clone)]
+struct Handoff {
+    inboxes: Vec<mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+    open: Arc<[AtomicUsize]>,
 }
 
 /// The open-connection count that marks a worker whose thread has ended.
@@ -278,8 +285,7 @@ impl Workers {
     {
         let open: Arc<[AtomicUsize]> = (0..count).map(|_| AtomicUsize::new(0)).collect();
         let mut workers = Workers {
-            inboxes: Vec::with_capacity(count),
-            open: Arc::clone(&open),
+            handoff: Handoff { inboxes: Vec::with_capacity(count), open: Arc::clone(&open) },
             threads: Vec::with_capacity(count),
             drained: Vec::with_capacity(count),
             release: CancellationToken::new(),
@@ -299,7 +305,7 @@ impl Workers {
                 // Requests cut off at the deadline are logged as their tasks are dropped.
                 drop(runtime);
             })?;
-            workers.inboxes.push(inbox);
+            workers.handoff.inboxes.push(inbox);
             workers.threads.push(thread);
             workers.drained.push(drained_receiver);
         }
@@ -307,10 +313,58 @@ impl Workers {
     }
 
     /// Accepts connections on `listener` and hands each to the worker serving the fewest, until
-    /// `shutdown` is cancelled.
+    /// `shutdown` is cancelled. The loop runs on a thread of its own, with a single-threaded
+    /// runtime: a new connection then wakes that thread and its worker, and no other (on a
+    /// multi-threaded runtime the poller's thread would also wake the one running the loop).
     pub async fn accept(&self, listener: TcpListener, shutdown: &CancellationToken) {
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        while let Some((stream, peer)) = accept(&listener, &local, shutdown).await {
+        let listener = match listener.into_std() {
+            Ok(listener) => listener,
+            Err(error) => return tracing::error!(%error, listener = %local, "cannot hand the listener to its thread"),
+        };
+        let (handoff, shutdown) = (self.handoff.clone(), shutdown.clone());
+        let (ended, accept_ended) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new().name("preagg-accept".to_string()).spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(handoff.accept_until(listener, &local, &shutdown)),
+                Err(error) => tracing::error!(%error, listener = %local, "cannot start the accept loop's runtime"),
+            }
+            let _ = ended.send(());
+        });
+        match thread {
+            Ok(_) => {
+                let _ = accept_ended.await;
+            }
+            Err(error) => tracing::error!(%error, "cannot start the accept thread"),
+        }
+    }
+
+    /// Waits until every worker has drained, then lets the threads end.
+    pub async fn join(self) {
+        drop(self.handoff);
+        for drained in self.drained {
+            let _ = drained.await;
+        }
+        self.release.cancel();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+}
+
+impl Handoff {
+    /// The accept loop: hands every connection `listener` accepts to a worker until `shutdown`.
+    async fn accept_until(&self, listener: std::net::TcpListener, local: &str, shutdown: &CancellationToken) {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(error) => return tracing::error!(%error, listener = %local, "cannot watch the listener"),
+        };
+        while let Some((stream, peer)) = accept(&listener, local, shutdown).await {
             let Ok(stream) = stream.into_std() else { continue };
             self.hand_over(stream, peer);
         }
@@ -337,22 +391,6 @@ impl Workers {
                 }
             }
         }
-    }
-
-    /// Waits until every worker has drained, then lets the threads end.
-    pub async fn join(self) {
-        drop(self.inboxes);
-        for drained in self.drained {
-            let _ = drained.await;
-        }
-        self.release.cancel();
-        let threads = self.threads;
-        let _ = tokio::task::spawn_blocking(move || {
-            for thread in threads {
-                let _ = thread.join();
-            }
-        })
-        .await;
     }
 }
 
