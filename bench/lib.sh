@@ -268,7 +268,7 @@ machine_facts() {
         "$(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -1)" "$(nproc)" \
         "$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)" "$(uname -sr)"
     local build
-    build="commit $(git -C "$repo" rev-parse --short HEAD)"
+    build="commit $(git -C "$repo" describe --always --dirty)"
     [ -z "${BENCH_PROXY_BIN:-}" ] || build="BENCH_PROXY_BIN=$BENCH_PROXY_BIN, tree at $build"
     printf -- '- %s; %s; preagg-proxy %s (release, %s)\n' "$("$NGINX" -v 2>&1)" \
         "$(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)" "$("$PROXY_BIN" --version 2>/dev/null | awk '{ print $NF }')" \

@@ -127,18 +127,22 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         shutdown.clone(),
         ListenerSettings { tls: None, ..settings },
     ));
-    tokio::select! {
-        () = workers.accept(listener, &shutdown) => {}
-        () = server::termination_signal() => {}
+    // The accept loop ends before a signal only when it cannot be set up.
+    let accepted = tokio::select! {
+        accepted = workers.accept(listener, &shutdown) => accepted,
+        () = server::termination_signal() => Ok(()),
+    };
+    match &accepted {
+        Ok(()) => tracing::info!("shutdown requested"),
+        Err(error) => tracing::error!(%error, "the accept loop could not start; stopping"),
     }
-    tracing::info!("shutdown requested");
     shutdown.cancel();
     let _ = tokio::join!(workers.join(), admin_task);
     if let Some(engine) = engine.get() {
         engine.stop().await;
     }
     tracing::info!("stopped");
-    Ok(())
+    accepted.context("accepting client connections")
 }
 
 /// Reloads the configuration on SIGHUP.

@@ -316,28 +316,22 @@ impl Workers {
     /// `shutdown` is cancelled. The loop runs on a thread of its own, with a single-threaded
     /// runtime: a new connection then wakes that thread and its worker, and no other (on a
     /// multi-threaded runtime the poller's thread would also wake the one running the loop).
-    pub async fn accept(&self, listener: TcpListener, shutdown: &CancellationToken) {
+    /// Fails when the loop cannot be set up (its thread, its runtime, the listener moved there).
+    pub async fn accept(&self, listener: TcpListener, shutdown: &CancellationToken) -> std::io::Result<()> {
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let listener = match listener.into_std() {
-            Ok(listener) => listener,
-            Err(error) => return tracing::error!(%error, listener = %local, "cannot hand the listener to its thread"),
-        };
+        let listener = listener.into_std()?;
         let (handoff, shutdown) = (self.handoff.clone(), shutdown.clone());
-        let (ended, accept_ended) = oneshot::channel::<()>();
-        let thread = std::thread::Builder::new().name("preagg-accept".to_string()).spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-            match runtime {
-                Ok(runtime) => runtime.block_on(handoff.accept_until(listener, &local, &shutdown)),
-                Err(error) => tracing::error!(%error, listener = %local, "cannot start the accept loop's runtime"),
-            }
-            let _ = ended.send(());
-        });
-        match thread {
-            Ok(_) => {
-                let _ = accept_ended.await;
-            }
-            Err(error) => tracing::error!(%error, "cannot start the accept thread"),
-        }
+        let (ended, accept_ended) = oneshot::channel::<std::io::Result<()>>();
+        std::thread::Builder::new().name("preagg-accept".to_string()).spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|runtime| runtime.block_on(handoff.accept_until(listener, &local, &shutdown)));
+            // The workers end once every sender of their inboxes is gone: this one goes first.
+            drop(handoff);
+            let _ = ended.send(result);
+        })?;
+        accept_ended.await.unwrap_or_else(|_| Err(std::io::Error::other("the accept thread panicked")))
     }
 
     /// Waits until every worker has drained, then lets the threads end.
@@ -359,15 +353,18 @@ impl Workers {
 
 impl Handoff {
     /// The accept loop: hands every connection `listener` accepts to a worker until `shutdown`.
-    async fn accept_until(&self, listener: std::net::TcpListener, local: &str, shutdown: &CancellationToken) {
-        let listener = match TcpListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(error) => return tracing::error!(%error, listener = %local, "cannot watch the listener"),
-        };
+    async fn accept_until(
+        &self,
+        listener: std::net::TcpListener,
+        local: &str,
+        shutdown: &CancellationToken,
+    ) -> std::io::Result<()> {
+        let listener = TcpListener::from_std(listener)?;
         while let Some((stream, peer)) = accept(&listener, local, shutdown).await {
             let Ok(stream) = stream.into_std() else { continue };
             self.hand_over(stream, peer);
         }
+        Ok(())
     }
 
     /// Gives a connection to the live worker serving the fewest.
@@ -553,7 +550,7 @@ mod tests {
         let accepting = {
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                workers.accept(listener, &shutdown).await;
+                workers.accept(listener, &shutdown).await.unwrap();
                 workers
             })
         };
