@@ -15,6 +15,8 @@
 # by the requests wrk completed in its own window. Needs perf with access to the raw_syscalls
 # tracepoints (root, or kernel.perf_event_paranoid at -1). Environment:
 #   BENCH_BASELINE (unset)   a git revision whose release build joins as "preagg-proxy --mode off @REV"
+#   WRK_CONNECTION_CLOSE (0) 1: a new connection for every request (bench/wrk/post.lua), to count
+#                            what accepting and closing a connection costs
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 

@@ -79,7 +79,7 @@ def main(path):
         "new-connections": "Static upstream, one connection per request",
         "clickhouse": "chdb-backed ClickHouse",
     }
-    added_p50 = {}  # (section, connections, hop) -> {round: added p50}
+    added = {}  # (section, connections, hop) -> {round: added p50, or added mean time}
     for (section, query), cells in sections.items():
         print(f"## {titles.get(section, section)}: {query}")
         print()
@@ -112,11 +112,11 @@ def main(path):
                 by_round = []
             elif fresh:
                 by_round = [mean_time(v, connections) - mean_time(b, connections) for v, b in zip(runs, bases)]
-                added_p50[(section, connections, hop)] = {v["round"]: d for v, d in zip(runs, by_round)}
+                added[(section, connections, hop)] = {v["round"]: d for v, d in zip(runs, by_round)}
                 extra = (signed(median(by_round)), "—")
             else:
                 by_round = [v["p50_us"] - b["p50_us"] for v, b in zip(runs, bases)]
-                added_p50[(section, connections, hop)] = {v["round"]: d for v, d in zip(runs, by_round)}
+                added[(section, connections, hop)] = {v["round"]: d for v, d in zip(runs, by_round)}
                 extra = (signed(median(by_round)), signed(median([v["p99_us"] - b["p99_us"] for v, b in zip(runs, bases)])))
             rate_text = f"{rate:,.0f}" if rate >= 100 else f"{rate:.2f}"
             flag = " †" if any(v.get("busy_before", 0) > 10 for v in runs) else ""
@@ -133,10 +133,10 @@ def main(path):
             print(line)
         print()
     if rounds > 1:
-        like_for_like(added_p50)
+        like_for_like(added)
 
 
-def like_for_like(added_p50):
+def like_for_like(added):
     """preagg-proxy's added latency against nginx's in the same rounds, path by path: the added p50,
     or with a new connection per request the added mean time per request."""
     print("## preagg-proxy against nginx, like for like")
@@ -144,9 +144,9 @@ def like_for_like(added_p50):
     print("| conns | preagg-proxy path | nginx path | added | proxy ms (median) | nginx ms (median) | "
           "proxy − nginx ms (median of rounds) | rounds with proxy ≤ nginx |")
     print("|---:|---|---|---|---:|---:|---:|---:|")
-    for (section, connections, hop), proxy in sorted(added_p50.items(), key=lambda item: item[0][1]):
+    for (section, connections, hop), proxy in sorted(added.items(), key=lambda item: item[0][1]):
         for proxy_hop, nginx_hop in LIKE_FOR_LIKE:
-            nginx = added_p50.get((section, connections, nginx_hop))
+            nginx = added.get((section, connections, nginx_hop))
             if hop != proxy_hop or nginx is None:
                 continue
             rounds = sorted(set(proxy) & set(nginx))

@@ -545,8 +545,9 @@ impl Engine {
     /// Whether building `windows` would queue a build beyond `max_queued_builds`. The same build
     /// already queued is not one more: a query asking for it joins it.
     fn build_queue_full(&self, found: &Found, windows: &[Window], settings: &Settings) -> bool {
-        let key = build_key(found, windows);
-        self.build_queue.lock().is_ok_and(|keys| keys.len() >= settings.max_queued_builds && !keys.contains(&key))
+        self.build_queue
+            .lock()
+            .is_ok_and(|keys| keys.len() >= settings.max_queued_builds && !keys.contains(&build_key(found, windows)))
     }
 
     /// The plan at `now`, and what the missing windows are waiting for.
