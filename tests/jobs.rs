@@ -177,11 +177,12 @@ async fn a_build_outlives_the_query_that_stopped_waiting_for_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builds_beyond_the_queue_are_refused_while_clickhouse_holds_them_and_asked_again_later() {
-    // Three queries over disjoint days: three builds of different windows.
+    // Four queries over disjoint days: four builds of different windows.
     let ranges = [
         ("2026-10-02 09:57:00.000000", "2026-10-04 14:30:00.000000"),
         ("2026-10-05 09:57:00.000000", "2026-10-07 14:30:00.000000"),
         ("2026-10-08 09:57:00.000000", "2026-10-10 14:30:00.000000"),
+        ("2026-10-11 09:57:00.000000", "2026-10-13 14:30:00.000000"),
     ];
     let form = forms(99999, "test-experiment").remove(0);
     let sqls: Vec<String> = ranges.iter().map(|(lo, hi)| form.query(lo, hi)).collect();
@@ -198,7 +199,7 @@ async fn builds_beyond_the_queue_are_refused_while_clickhouse_holds_them_and_ask
     let (relay, proxy) = builds_through_a_relay("faults_build_queue", &settings).await;
     relay.set(Mode::Hang);
 
-    // The first build takes the one slot and hangs in ClickHouse; the second waits for the slot.
+    // The first build takes the one slot and hangs in ClickHouse.
     let first = run(&proxy.url(), &sqls[0]).await;
     assert_eq!(first.preagg, "passthrough reason=building");
     read_until(
@@ -208,23 +209,42 @@ async fn builds_beyond_the_queue_are_refused_while_clickhouse_holds_them_and_ask
         |jobs| jobs.values().any(|s| s.contains(&"pending".to_string())),
     )
     .await;
-    let second = run(&proxy.url(), &sqls[1]).await;
-    assert_eq!(second.preagg, "passthrough reason=building");
-    read_until("the second build to queue", Duration::from_secs(10), || builds_queued(&proxy), |n| *n == 1.0).await;
 
-    // The queue is full: the third query starts no build, and says so. The second query again
-    // joins the build it queued.
-    let third = run(&proxy.url(), &sqls[2]).await;
-    assert_eq!(third.preagg, "passthrough reason=build_queue_full");
-    let second_again = run(&proxy.url(), &sqls[1]).await;
-    assert_eq!(second_again.preagg, "passthrough reason=building");
-    for (answer, range) in [&first, &second, &third, &second_again].into_iter().zip([0, 1, 2, 1]) {
+    // Three queries for three other builds at once: one place is left in the queue, and only one
+    // of them takes it, although each decides before any build has started (they start after
+    // the answers, with `build = background`). The others start none, and say so.
+    let url = proxy.url();
+    let racing = futures_util::future::join_all(sqls[1..].iter().map(|sql| run(&url, sql))).await;
+    let outcomes: Vec<&str> = racing.iter().map(|answer| answer.preagg.as_str()).collect();
+    let queued: Vec<usize> =
+        (1..sqls.len()).filter(|&range| racing[range - 1].preagg == "passthrough reason=building").collect();
+    assert_eq!(queued.len(), 1, "exactly one build queues: {outcomes:?}");
+    let refused = outcomes.iter().filter(|&&outcome| outcome == "passthrough reason=build_queue_full").count();
+    assert_eq!(refused, 2, "{outcomes:?}");
+    read_until("the queued build to be counted", Duration::from_secs(10), || builds_queued(&proxy), |n| *n == 1.0)
+        .await;
+    // The query whose build queued joins it when asked again; a refused one is refused again.
+    let queued_again = run(&proxy.url(), &sqls[queued[0]]).await;
+    assert_eq!(queued_again.preagg, "passthrough reason=building");
+    let refused_range = (1..sqls.len()).find(|range| *range != queued[0]).unwrap();
+    let refused_again = run(&proxy.url(), &sqls[refused_range]).await;
+    assert_eq!(refused_again.preagg, "passthrough reason=build_queue_full");
+    // An operator's warm-up keeps to the same bound.
+    let warm_up = client()
+        .post(format!("{}/admin/warm", proxy.admin_url()))
+        .body(sqls[refused_range].clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm_up.status().as_u16(), 503, "{:?}", warm_up.text().await);
+    same_rows(&expected[0], &first).unwrap();
+    for (answer, range) in racing.iter().zip(1..).chain([(&queued_again, queued[0]), (&refused_again, refused_range)]) {
         same_rows(&expected[range], answer).unwrap();
     }
-    assert_eq!(builds_queued(&proxy).await, 1.0, "the refused build did not queue");
+    assert_eq!(builds_queued(&proxy).await, 1.0, "the refused builds did not queue");
 
     // ClickHouse lets go (the held build is cut and fails): the queued build runs, and the refused
-    // one is asked again by its next query; every range ends rewritten and right.
+    // ones are asked again by their next queries; every range ends rewritten and right.
     relay.set(Mode::Forward);
     for (sql, expected) in sqls.iter().zip(&expected) {
         let warm = until_rewritten(&proxy.url(), sql, Duration::from_secs(60)).await;
@@ -232,7 +252,7 @@ async fn builds_beyond_the_queue_are_refused_while_clickhouse_holds_them_and_ask
     }
     read_until("the queue to empty", Duration::from_secs(30), || builds_queued(&proxy), |n| *n == 0.0).await;
     let totals = proxy.metrics().await;
-    assert!(metric(&totals, "preagg_requests_total", &[("outcome", "build_queue_full")]) >= 1.0, "{totals}");
+    assert!(metric(&totals, "preagg_requests_total", &[("outcome", "build_queue_full")]) >= 2.0, "{totals}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ use crate::http::h1::RequestBody;
 use crate::http::h1_server::ClientBody;
 use crate::http::request::UrlParams;
 use crate::preagg::store::{Job, JobFilter, MismatchSample};
-use crate::preagg::{Engine, QueryContext, now_micros};
+use crate::preagg::{Engine, QueryContext, WarmError, now_micros};
 use crate::proxy::EngineSlot;
 use crate::shadow::{RuleStats, Shadow};
 use crate::sql::quote;
@@ -328,6 +328,7 @@ async fn warm(engine: &Arc<Engine>, context: &QueryContext, body: &[u8]) -> Resp
     let Ok(text) = std::str::from_utf8(body) else { return error(StatusCode::BAD_REQUEST, "the query is not UTF-8") };
     match engine.warm(context, text).await {
         Ok(built) => json(StatusCode::OK, &serde_json::json!({ "occurrences": built.len(), "windows_built": built })),
+        Err(e @ WarmError::QueueFull(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e),
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
     }
 }

@@ -205,25 +205,38 @@ fn build_key(found: &Found, windows: &[Window]) -> BuildKey {
 /// Builds waiting for a slot, by key.
 type BuildQueue = Mutex<HashSet<BuildKey>>;
 
-/// A build waiting for a slot: its key is in the queue until this is dropped (it got its slot, or
-/// its future was dropped while it waited).
-struct QueuedBuild<'a> {
-    queue: &'a BuildQueue,
-    /// The key, when this build put it in the queue.
+/// A build's place in the queue, from the moment a query decides to start it until the build gets
+/// a slot (or is dropped without one). Taken before the build is started, even when it starts only
+/// after the answer (`build = background`): two queries deciding at the same moment cannot both
+/// take the last place.
+struct QueuedBuild {
+    queue: Arc<BuildQueue>,
+    /// The key, when this place put it in the queue (not when it joined a build already queued).
     key: Option<BuildKey>,
 }
 
-impl<'a> QueuedBuild<'a> {
-    fn enter(queue: &'a BuildQueue, key: BuildKey) -> QueuedBuild<'a> {
-        let key = queue.lock().is_ok_and(|mut keys| keys.insert(key.clone())).then_some(key);
-        if key.is_some() {
-            m::build_queued(true);
+impl QueuedBuild {
+    /// Takes a place for the build `key`: joins it when it is already queued, else puts it in the
+    /// queue unless the queue holds `limit` builds (then `None`: the build must not start).
+    fn take(queue: &Arc<BuildQueue>, key: BuildKey, limit: usize) -> Option<QueuedBuild> {
+        let place = |key| Some(QueuedBuild { queue: Arc::clone(queue), key });
+        let Ok(mut keys) = queue.lock() else { return place(None) };
+        if keys.contains(&key) {
+            return place(None);
         }
-        QueuedBuild { queue, key }
+        if keys.len() >= limit {
+            return None;
+        }
+        keys.insert(key.clone());
+        m::build_queued(true);
+        place(Some(key))
     }
+
+    /// Leaves the queue: the build got its slot.
+    fn leave(self) {}
 }
 
-impl Drop for QueuedBuild<'_> {
+impl Drop for QueuedBuild {
     fn drop(&mut self) {
         if let Some(key) = &self.key
             && let Ok(mut keys) = self.queue.lock()
@@ -245,7 +258,7 @@ pub struct Engine {
     builds: moka::future::Cache<BuildKey, usize>,
     build_slots: Arc<Semaphore>,
     /// Builds waiting for one of `build_slots`.
-    build_queue: BuildQueue,
+    build_queue: Arc<BuildQueue>,
     tables: tokio::sync::Mutex<HashSet<String>>,
     store_down_until: AtomicI64,
     /// Set by [`stop`](Self::stop): builds no longer claim windows.
@@ -281,7 +294,7 @@ impl Engine {
             shapes: moka::future::Cache::builder().max_capacity(config.job_cache_capacity).build(),
             builds: moka::future::Cache::builder().time_to_live(Duration::from_secs(2)).build(),
             build_slots: Arc::new(Semaphore::new(config.max_concurrent_builds)),
-            build_queue: Mutex::new(HashSet::new()),
+            build_queue: Arc::new(Mutex::new(HashSet::new())),
             tables: tokio::sync::Mutex::new(HashSet::new()),
             store_down_until: AtomicI64::new(0),
             stopping: AtomicBool::new(false),
@@ -480,16 +493,20 @@ impl Engine {
         let started = Instant::now();
         let settings = self.settings();
         let (mut plan, mut missing) = self.plan(found, now_micros()).await?;
-        if !missing.buildable.is_empty() && self.build_queue_full(found, &missing.buildable, &settings) {
-            // ClickHouse is not keeping up with the builds asked of it: more would only wait
-            // (and add to its load once they run). A later query asks again.
-            missing.refused = std::mem::take(&mut missing.buildable).len();
+        let mut build = None;
+        if !missing.buildable.is_empty() {
+            let key = build_key(found, &missing.buildable);
+            match QueuedBuild::take(&self.build_queue, key, settings.max_queued_builds) {
+                Some(place) => {
+                    let windows = std::mem::take(&mut missing.buildable);
+                    let context = self.statement_context(analysis, context);
+                    build = Some(Arc::clone(self).build(found.clone(), Arc::clone(text), context, windows, place));
+                }
+                // ClickHouse is not keeping up with the builds asked of it: more would only wait
+                // (and add to its load once they run). A later query asks again.
+                None => missing.refused = std::mem::take(&mut missing.buildable).len(),
+            }
         }
-        let build = (!missing.buildable.is_empty()).then(|| {
-            let windows = std::mem::take(&mut missing.buildable);
-            let context = self.statement_context(analysis, context);
-            Arc::clone(self).build(found.clone(), Arc::clone(text), context, windows)
-        });
         let policy = if shadowed { BuildPolicy::Background } else { settings.build };
         match (policy, build) {
             (BuildPolicy::Background, Some(build)) => {
@@ -540,14 +557,6 @@ impl Engine {
         )
         .map_err(|_| Reason::Unlocatable)?;
         Ok((replacement, plan))
-    }
-
-    /// Whether building `windows` would queue a build beyond `max_queued_builds`. The same build
-    /// already queued is not one more: a query asking for it joins it.
-    fn build_queue_full(&self, found: &Found, windows: &[Window], settings: &Settings) -> bool {
-        self.build_queue
-            .lock()
-            .is_ok_and(|keys| keys.len() >= settings.max_queued_builds && !keys.contains(&build_key(found, windows)))
     }
 
     /// The plan at `now`, and what the missing windows are waiting for.
@@ -638,20 +647,22 @@ impl Engine {
         StatementContext { database: context.database.clone(), settings: settings::for_builds(&analysis.settings) }
     }
 
-    /// Builds `windows` of an occurrence once, however many queries ask at the same time. Returns
-    /// how many windows this call saw built.
-    pub async fn build(
+    /// Builds `windows` of an occurrence once, however many queries ask at the same time, holding
+    /// `place` in the queue until a slot is free. Returns how many windows this call saw built.
+    async fn build(
         self: Arc<Self>,
         found: Found,
         text: Arc<str>,
         context: StatementContext,
         windows: Vec<Window>,
+        place: QueuedBuild,
     ) -> Result<usize, Arc<BuildError>> {
         let key = build_key(&found, &windows);
         let engine = Arc::clone(&self);
+        // A caller that joins a build already running drops its init future, and its place with it.
         let result = self
             .builds
-            .try_get_with(key, async move { engine.run_build(&found, &text, &context, windows).await })
+            .try_get_with(key, async move { engine.run_build(&found, &text, &context, windows, place).await })
             .await;
         if let Err(error) = &result {
             tracing::warn!(%error, "build failed; queries fall back to the original");
@@ -665,10 +676,10 @@ impl Engine {
         text: &str,
         context: &StatementContext,
         windows: Vec<Window>,
+        place: QueuedBuild,
     ) -> Result<usize, BuildError> {
-        let queued = QueuedBuild::enter(&self.build_queue, build_key(found, &windows));
         let Ok(_slot) = self.build_slots.acquire().await else { return Ok(0) };
-        drop(queued);
+        place.leave();
         if self.stopping.load(Ordering::SeqCst) {
             return Ok(0);
         }
@@ -805,11 +816,16 @@ impl Engine {
                 built.push(0);
                 continue;
             }
+            let key = build_key(found, &buildable);
+            let settings = self.settings();
+            let place = QueuedBuild::take(&self.build_queue, key, settings.max_queued_builds)
+                .ok_or(WarmError::QueueFull(settings.max_queued_builds))?;
             let build = Arc::clone(self).build(
                 found.clone(),
                 Arc::clone(&text),
                 self.statement_context(&analysis, context),
                 buildable,
+                place,
             );
             // On the background runtime, as a waiting query's: a caller that goes away leaves it running.
             let count = match self.background.spawn(build).await {
@@ -867,7 +883,35 @@ pub enum WarmError {
     /// The query has no rewritable occurrence.
     #[error("the query is not rewritable: {0}")]
     NotRewritable(Reason),
+    /// `max_queued_builds` builds already wait for a slot: warming would queue one more.
+    #[error("{0} builds already wait for a slot (max_queued_builds); try again later")]
+    QueueFull(usize),
     /// A build failed.
     #[error("build failed: {0}")]
     Build(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(day: i64) -> BuildKey {
+        (1, "hash".to_string(), vec![Window { start: day * 86_400_000_000, end: (day + 1) * 86_400_000_000 }])
+    }
+
+    #[test]
+    fn the_build_queue_holds_no_more_than_its_limit_and_a_queued_build_is_joined() {
+        let queue = Arc::new(BuildQueue::default());
+        let first = QueuedBuild::take(&queue, key(1), 2).unwrap();
+        let second = QueuedBuild::take(&queue, key(2), 2).unwrap();
+        assert!(QueuedBuild::take(&queue, key(3), 2).is_none(), "a third build is refused");
+        let joined = QueuedBuild::take(&queue, key(1), 2).unwrap();
+        assert_eq!(queue.lock().unwrap().len(), 2, "joining the first build adds no place");
+        drop(joined);
+        assert!(queue.lock().unwrap().contains(&key(1)), "a joiner leaving does not take the build's place");
+        first.leave();
+        assert!(QueuedBuild::take(&queue, key(3), 2).is_some(), "the place the first build left is free");
+        drop(second);
+        assert!(queue.lock().unwrap().is_empty());
+    }
 }
