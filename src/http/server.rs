@@ -31,6 +31,9 @@ use super::tls_listener::ListenerTls;
 /// request in flight for this long (up to half as long again) is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long an accept loop waits after `accept` failed (out of file descriptors, say).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 /// How a listener serves its connections, besides its handler.
 #[derive(Clone)]
 pub struct ListenerSettings {
@@ -81,7 +84,7 @@ async fn accept(listener: &TcpListener, local: &str, shutdown: &CancellationToke
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(%error, listener = %local, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
@@ -251,7 +254,9 @@ impl Worker {
         let served = Connections::default();
         while let Some((stream, peer)) = connections.recv().await {
             let counted = OpenConnection { open: Arc::clone(&self.open), worker: self.index };
-            let Ok(stream) = TcpStream::from_std(stream) else { continue };
+            // Made non-blocking here, not on the accept thread, which every connection passes.
+            let Ok(stream) = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream)) else { continue };
+            let _ = stream.set_nodelay(true);
             let settings = self.settings.clone();
             let connection = serve_connection(stream, peer, settings, handler.clone(), served.closing.clone());
             served.spawn(async move {
@@ -313,25 +318,33 @@ impl Workers {
     }
 
     /// Accepts connections on `listener` and hands each to the worker serving the fewest, until
-    /// `shutdown` is cancelled. The loop runs on a thread of its own, with a single-threaded
-    /// runtime: a new connection then wakes that thread and its worker, and no other (on a
-    /// multi-threaded runtime the poller's thread would also wake the one running the loop).
-    /// Fails when the loop cannot be set up (its thread, its runtime, the listener moved there).
+    /// `shutdown` is cancelled. The loop runs on a thread of its own that waits in the kernel's
+    /// `accept`: a new connection costs that call and the wake-up of its worker, with no poller
+    /// (an async listener adds a readiness wait, registering the connection in this thread's
+    /// poller and taking it out again, and the `accept` that finds the queue empty). When
+    /// `shutdown` is cancelled the listener is shut down, which ends the waiting `accept`.
+    /// Fails when the loop cannot be set up (its thread, the listener made blocking).
     pub async fn accept(&self, listener: TcpListener, shutdown: &CancellationToken) -> std::io::Result<()> {
         let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let listener = listener.into_std()?;
-        let (handoff, shutdown) = (self.handoff.clone(), shutdown.clone());
-        let (ended, accept_ended) = oneshot::channel::<std::io::Result<()>>();
+        let listener = Arc::new(listener.into_std()?);
+        listener.set_nonblocking(false)?;
+        let (handoff, accepting, stop) = (self.handoff.clone(), Arc::clone(&listener), shutdown.clone());
+        let (ended, accept_ended) = oneshot::channel::<()>();
         std::thread::Builder::new().name("preagg-accept".to_string()).spawn(move || {
-            let result = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .and_then(|runtime| runtime.block_on(handoff.accept_until(listener, &local, &shutdown)));
+            handoff.accept_until(&accepting, &local, &stop);
             // The workers end once every sender of their inboxes is gone: this one goes first.
             drop(handoff);
-            let _ = ended.send(result);
+            let _ = ended.send(());
         })?;
-        accept_ended.await.unwrap_or_else(|_| Err(std::io::Error::other("the accept thread panicked")))
+        // A task of its own, so that the listener is shut down also when this future is dropped.
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            if let Err(error) = socket2::SockRef::from(&*listener).shutdown(std::net::Shutdown::Read) {
+                tracing::warn!(%error, "cannot shut the listener down; the accept loop ends at its next connection");
+            }
+        });
+        accept_ended.await.map_err(|_| std::io::Error::other("the accept thread panicked"))
     }
 
     /// Waits until every worker has drained, then lets the threads end.
@@ -352,19 +365,23 @@ impl Workers {
 }
 
 impl Handoff {
-    /// The accept loop: hands every connection `listener` accepts to a worker until `shutdown`.
-    async fn accept_until(
-        &self,
-        listener: std::net::TcpListener,
-        local: &str,
-        shutdown: &CancellationToken,
-    ) -> std::io::Result<()> {
-        let listener = TcpListener::from_std(listener)?;
-        while let Some((stream, peer)) = accept(&listener, local, shutdown).await {
-            let Ok(stream) = stream.into_std() else { continue };
-            self.hand_over(stream, peer);
+    /// The accept loop: hands every connection the blocking `listener` accepts to a worker until
+    /// `shutdown` is cancelled (and the listener shut down, to end the `accept` waiting then).
+    fn accept_until(&self, listener: &std::net::TcpListener, local: &str, shutdown: &CancellationToken) {
+        loop {
+            let accepted = listener.accept();
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match accepted {
+                Ok((stream, peer)) => self.hand_over(stream, peer),
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, listener = %local, "accept failed");
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                }
+            }
         }
-        Ok(())
     }
 
     /// Gives a connection to the live worker serving the fewest.
@@ -571,8 +588,30 @@ mod tests {
         }
         assert_eq!(names, BTreeSet::from(["preagg-worker-0".to_string(), "preagg-worker-1".to_string()]));
         shutdown.cancel();
-        let workers = accepting.await.unwrap();
+        let workers = tokio::time::timeout(Duration::from_secs(10), accepting).await.expect("the accept loop ends");
         drop(senders);
-        tokio::time::timeout(Duration::from_secs(10), workers.join()).await.expect("workers drain and end");
+        tokio::time::timeout(Duration::from_secs(10), workers.unwrap().join()).await.expect("workers drain and end");
+    }
+
+    #[tokio::test]
+    async fn the_accept_thread_ends_on_shutdown_also_when_its_future_was_dropped() {
+        let shutdown = CancellationToken::new();
+        let workers = Workers::start(1, thread_name, plain(Duration::from_secs(5))).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // As the proxy's main loop does when a signal arrives first.
+        let waited = tokio::time::timeout(Duration::from_millis(100), workers.accept(listener, &shutdown)).await;
+        assert!(waited.is_err(), "the accept loop ended before shutdown: {waited:?}");
+        let stream = TcpStream::connect(address).await.unwrap();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        let request = Request::builder().uri("/").header("host", "test").body(Full::<bytes::Bytes>::default());
+        assert!(sender.send_request(request.unwrap()).await.unwrap().status().is_success());
+        shutdown.cancel();
+        drop(sender);
+        // The workers end only once the accept thread has let go of their inboxes.
+        tokio::time::timeout(Duration::from_secs(10), workers.join()).await.expect("the accept thread and workers end");
+        assert!(TcpStream::connect(address).await.is_err(), "the listener still accepts");
     }
 }
