@@ -558,6 +558,24 @@ mod tests {
         assert!(drained.elapsed() < HEADER_READ_TIMEOUT, "closed after {:?}", drained.elapsed());
     }
 
+    /// An HTTP/1 client on a new connection to `address`, its connection driven by a spawned task.
+    async fn http_client(address: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>> {
+        let stream = TcpStream::connect(address).await.unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        sender
+    }
+
+    /// Sends `GET /` and returns the body, which the test service makes its worker thread's name.
+    async fn get_root(sender: &mut hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>) -> String {
+        let request = Request::builder().uri("/").header("host", "test").body(Full::<bytes::Bytes>::default());
+        let response = sender.send_request(request.unwrap()).await.unwrap();
+        assert!(response.status().is_success(), "{response:?}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
     #[tokio::test]
     async fn connections_are_spread_over_the_workers_and_drained_on_shutdown() {
         let shutdown = CancellationToken::new();
@@ -573,18 +591,11 @@ mod tests {
         };
         let mut senders = Vec::new();
         for _ in 0..4 {
-            let stream = TcpStream::connect(address).await.unwrap();
-            let (sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-            tokio::spawn(connection);
-            senders.push(sender);
+            senders.push(http_client(address).await);
         }
         let mut names = BTreeSet::new();
         for sender in &mut senders {
-            let request = Request::builder().uri("/").header("host", "test").body(Full::<bytes::Bytes>::default());
-            let response = sender.send_request(request.unwrap()).await.unwrap();
-            let body = response.into_body().collect().await.unwrap().to_bytes();
-            names.insert(String::from_utf8(body.to_vec()).unwrap());
+            names.insert(get_root(sender).await);
         }
         assert_eq!(names, BTreeSet::from(["preagg-worker-0".to_string(), "preagg-worker-1".to_string()]));
         shutdown.cancel();
@@ -602,12 +613,8 @@ mod tests {
         // As the proxy's main loop does when a signal arrives first.
         let waited = tokio::time::timeout(Duration::from_millis(100), workers.accept(listener, &shutdown)).await;
         assert!(waited.is_err(), "the accept loop ended before shutdown: {waited:?}");
-        let stream = TcpStream::connect(address).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-        tokio::spawn(connection);
-        let request = Request::builder().uri("/").header("host", "test").body(Full::<bytes::Bytes>::default());
-        assert!(sender.send_request(request.unwrap()).await.unwrap().status().is_success());
+        let mut sender = http_client(address).await;
+        assert_eq!(get_root(&mut sender).await, "preagg-worker-0");
         shutdown.cancel();
         drop(sender);
         // The workers end only once the accept thread has let go of their inboxes.
