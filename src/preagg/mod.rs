@@ -194,12 +194,21 @@ struct Missing {
     refused: usize,
 }
 
-/// Key of one in-process build: concurrent identical queries share it.
-type BuildKey = (i64, String, Vec<Window>);
+/// What one in-process build makes: `windows` of a team's query.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct BuildTarget {
+    team_id: i64,
+    query_hash: String,
+    windows: Vec<Window>,
+}
+
+/// Key of one in-process build: concurrent identical queries share it. Made once by the query that
+/// starts the build; the queue, the build map and the build itself share it, not copies of it.
+type BuildKey = Arc<BuildTarget>;
 
 /// The key of building `windows` of an occurrence.
-fn build_key(found: &Found, windows: &[Window]) -> BuildKey {
-    (found.occurrence.team_id, found.query_hash.clone(), windows.to_vec())
+fn build_key(found: &Found, windows: Vec<Window>) -> BuildKey {
+    Arc::new(BuildTarget { team_id: found.occurrence.team_id, query_hash: found.query_hash.clone(), windows })
 }
 
 /// Builds waiting for a slot, by key.
@@ -218,18 +227,18 @@ struct QueuedBuild {
 impl QueuedBuild {
     /// Takes a place for the build `key`: joins it when it is already queued, else puts it in the
     /// queue unless the queue holds `limit` builds (then `None`: the build must not start).
-    fn take(queue: &Arc<BuildQueue>, key: BuildKey, limit: usize) -> Option<QueuedBuild> {
+    fn take(queue: &Arc<BuildQueue>, key: &BuildKey, limit: usize) -> Option<QueuedBuild> {
         let place = |key| Some(QueuedBuild { queue: Arc::clone(queue), key });
         let Ok(mut keys) = queue.lock() else { return place(None) };
-        if keys.contains(&key) {
+        if keys.contains(key) {
             return place(None);
         }
         if keys.len() >= limit {
             return None;
         }
-        keys.insert(key.clone());
+        keys.insert(Arc::clone(key));
         m::build_queued(true);
-        place(Some(key))
+        place(Some(Arc::clone(key)))
     }
 
     /// Leaves the queue: the build got its slot.
@@ -495,16 +504,15 @@ impl Engine {
         let (mut plan, mut missing) = self.plan(found, now_micros()).await?;
         let mut build = None;
         if !missing.buildable.is_empty() {
-            let key = build_key(found, &missing.buildable);
-            match QueuedBuild::take(&self.build_queue, key, settings.max_queued_builds) {
+            let key = build_key(found, std::mem::take(&mut missing.buildable));
+            match QueuedBuild::take(&self.build_queue, &key, settings.max_queued_builds) {
                 Some(place) => {
-                    let windows = std::mem::take(&mut missing.buildable);
                     let context = self.statement_context(analysis, context);
-                    build = Some(Arc::clone(self).build(found.clone(), Arc::clone(text), context, windows, place));
+                    build = Some(Arc::clone(self).build(found.clone(), Arc::clone(text), context, key, place));
                 }
                 // ClickHouse is not keeping up with the builds asked of it: more would only wait
                 // (and add to its load once they run). A later query asks again.
-                None => missing.refused = std::mem::take(&mut missing.buildable).len(),
+                None => missing.refused = key.windows.len(),
             }
         }
         let policy = if shadowed { BuildPolicy::Background } else { settings.build };
@@ -647,22 +655,22 @@ impl Engine {
         StatementContext { database: context.database.clone(), settings: settings::for_builds(&analysis.settings) }
     }
 
-    /// Builds `windows` of an occurrence once, however many queries ask at the same time, holding
+    /// Builds the windows of `key` once, however many queries ask at the same time, holding
     /// `place` in the queue until a slot is free. Returns how many windows this call saw built.
     async fn build(
         self: Arc<Self>,
         found: Found,
         text: Arc<str>,
         context: StatementContext,
-        windows: Vec<Window>,
+        key: BuildKey,
         place: QueuedBuild,
     ) -> Result<usize, Arc<BuildError>> {
-        let key = build_key(&found, &windows);
         let engine = Arc::clone(&self);
+        let target = Arc::clone(&key);
         // A caller that joins a build already running drops its init future, and its place with it.
         let result = self
             .builds
-            .try_get_with(key, async move { engine.run_build(&found, &text, &context, windows, place).await })
+            .try_get_with(key, async move { engine.run_build(&found, &text, &context, &target.windows, place).await })
             .await;
         if let Err(error) = &result {
             tracing::warn!(%error, "build failed; queries fall back to the original");
@@ -675,7 +683,7 @@ impl Engine {
         found: &Found,
         text: &str,
         context: &StatementContext,
-        windows: Vec<Window>,
+        windows: &[Window],
         place: QueuedBuild,
     ) -> Result<usize, BuildError> {
         let Ok(_slot) = self.build_slots.acquire().await else { return Ok(0) };
@@ -687,7 +695,7 @@ impl Engine {
         let rule = &found.rule;
         let now = now_micros();
         let key = JobKey { team_id: occ.team_id, rule: &rule.name, query_hash: &found.query_hash };
-        let claimed = self.store.claim(&key, &windows, &self.owner, now, self.settings().lease).await?;
+        let claimed = self.store.claim(&key, windows, &self.owner, now, self.settings().lease).await?;
         if claimed.is_empty() {
             return Ok(0);
         }
@@ -811,20 +819,19 @@ impl Engine {
         let mut built = Vec::new();
         for found in &analysis.found {
             let (_, missing) = self.plan(found, now_micros()).await.map_err(WarmError::NotRewritable)?;
-            let buildable = missing.buildable;
-            if buildable.is_empty() {
+            if missing.buildable.is_empty() {
                 built.push(0);
                 continue;
             }
-            let key = build_key(found, &buildable);
+            let key = build_key(found, missing.buildable);
             let settings = self.settings();
-            let place = QueuedBuild::take(&self.build_queue, key, settings.max_queued_builds)
+            let place = QueuedBuild::take(&self.build_queue, &key, settings.max_queued_builds)
                 .ok_or(WarmError::QueueFull(settings.max_queued_builds))?;
             let build = Arc::clone(self).build(
                 found.clone(),
                 Arc::clone(&text),
                 self.statement_context(&analysis, context),
-                buildable,
+                key,
                 place,
             );
             // On the background runtime, as a waiting query's: a caller that goes away leaves it running.
@@ -896,21 +903,22 @@ mod tests {
     use super::*;
 
     fn key(day: i64) -> BuildKey {
-        (1, "hash".to_string(), vec![Window { start: day * 86_400_000_000, end: (day + 1) * 86_400_000_000 }])
+        let windows = vec![Window { start: day * 86_400_000_000, end: (day + 1) * 86_400_000_000 }];
+        Arc::new(BuildTarget { team_id: 1, query_hash: "hash".to_string(), windows })
     }
 
     #[test]
     fn the_build_queue_holds_no_more_than_its_limit_and_a_queued_build_is_joined() {
         let queue = Arc::new(BuildQueue::default());
-        let first = QueuedBuild::take(&queue, key(1), 2).unwrap();
-        let second = QueuedBuild::take(&queue, key(2), 2).unwrap();
-        assert!(QueuedBuild::take(&queue, key(3), 2).is_none(), "a third build is refused");
-        let joined = QueuedBuild::take(&queue, key(1), 2).unwrap();
+        let first = QueuedBuild::take(&queue, &key(1), 2).unwrap();
+        let second = QueuedBuild::take(&queue, &key(2), 2).unwrap();
+        assert!(QueuedBuild::take(&queue, &key(3), 2).is_none(), "a third build is refused");
+        let joined = QueuedBuild::take(&queue, &key(1), 2).unwrap();
         assert_eq!(queue.lock().unwrap().len(), 2, "joining the first build adds no place");
         drop(joined);
         assert!(queue.lock().unwrap().contains(&key(1)), "a joiner leaving does not take the build's place");
         first.leave();
-        assert!(QueuedBuild::take(&queue, key(3), 2).is_some(), "the place the first build left is free");
+        assert!(QueuedBuild::take(&queue, &key(3), 2).is_some(), "the place the first build left is free");
         drop(second);
         assert!(queue.lock().unwrap().is_empty());
     }
