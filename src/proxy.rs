@@ -137,7 +137,10 @@ impl Proxy {
             return self.forward(parts, Forward::Stream(body), Reason::NotQueryEndpoint).await;
         }
         let params = UrlParams::from_uri(&parts.uri);
-        let url_query = params.get("query");
+        // A `query` parameter that is not UTF-8 cannot be edited exactly; ClickHouse reads it as it is.
+        let Ok(url_query) = params.query() else {
+            return self.forward(parts, Forward::Stream(body), Reason::NotSelect).await;
+        };
         if url_query.as_deref().map(request::statement_kind) == Some(StatementKind::Insert) {
             record.kind = StatementKind::Insert.as_str();
             return self.forward(parts, Forward::Stream(body), Reason::Insert).await;

@@ -10,8 +10,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::equivalence::{Form, edge_rows, exec, forms, run, same_rows, shift, until_rewritten};
-use common::{ChServer, ProxyProcess};
+use common::equivalence::{Answer, Form, edge_rows, exec, forms, run, same_rows, shift, until_rewritten};
+use common::{ChServer, ProxyProcess, client};
 
 const TEAM: i64 = 99999;
 const FLAG: &str = "test-experiment";
@@ -102,4 +102,84 @@ async fn randomized_ranges_match_direct() {
         eprintln!("round {round}: {} [{lo}, {hi}]", form.name);
         check(&server, &proxy, form, &lo, &hi, true).await;
     }
+}
+
+/// Sends `sql` to `base` with `path_and_query` and `headers` (a GET when `sql` is empty: the query
+/// is in the URL), answered in `TSVWithNamesAndTypes`.
+async fn send(base: &str, path_and_query: &str, headers: &[(&str, &str)], sql: &str) -> Answer {
+    let method = if sql.is_empty() { reqwest::Method::GET } else { reqwest::Method::POST };
+    let mut request = client()
+        .request(method, format!("{base}{path_and_query}"))
+        .header("X-ClickHouse-Format", "TSVWithNamesAndTypes");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.body(sql.to_string()).send().await.expect("query");
+    let status = response.status().as_u16();
+    let preagg = response.headers().get("x-preagg").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let mut lines: Vec<String> = response.text().await.unwrap().lines().map(str::to_string).collect();
+    if lines.len() > 2 {
+        lines[2..].sort();
+    }
+    Answer { status, preagg, lines }
+}
+
+/// Sends the same request direct and through the proxy until the proxy rewrites it; both must
+/// give the same rows.
+async fn same_when_rewritten(server: &ChServer, proxy: &ProxyProcess, path: &str, headers: &[(&str, &str)], sql: &str) {
+    let shown = &path[..path.len().min(80)];
+    let direct = send(&server.url(), path, headers, sql).await;
+    assert_eq!(direct.status, 200, "{shown}: direct failed: {:?}", direct.lines);
+    let started = std::time::Instant::now();
+    let proxied = loop {
+        let answer = send(&proxy.url(), path, headers, sql).await;
+        if answer.preagg.starts_with("rewritten") {
+            break answer;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{shown} {headers:?}: not rewritten: {}", answer.preagg);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if let Err(e) = same_rows(&direct, &proxied) {
+        panic!("{shown} {headers:?}: {e}");
+    }
+}
+
+/// The request is read as ClickHouse reads it: the `X-ClickHouse-Database` header over the
+/// `database` parameter, the first `query` parameter of several, and a `Content-Encoding` that
+/// ClickHouse does not know (`identity`) left for ClickHouse to refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_is_read_as_clickhouse_reads_it() {
+    let server = ChServer::start();
+    server.generate(&["--events", "40000", "--seed", "11", "--start", "2026-10-01", "--days", "10"]);
+    // Another database with a third of the events: a query read against the wrong one gets other rows.
+    exec(
+        &server.url(),
+        "CREATE DATABASE IF NOT EXISTS decoy;\nCREATE TABLE decoy.events AS default.events;\n\
+         INSERT INTO decoy.events SELECT * FROM default.events WHERE cityHash64(uuid) % 3 = 0;\n\
+         CREATE TABLE decoy.person_distinct_id_overrides AS default.person_distinct_id_overrides;\n\
+         INSERT INTO decoy.person_distinct_id_overrides SELECT * FROM default.person_distinct_id_overrides",
+    );
+    let proxy = ProxyProcess::start(&server.url(), &[("build", "wait")]);
+    proxy.wait_engine_ready();
+    let form = &forms(TEAM, FLAG)[0];
+    let week = form.query("2026-10-02 00:00:00.000000", "2026-10-08 00:00:00.000000");
+    let days = form.query("2026-10-03 00:00:00.000000", "2026-10-05 00:00:00.000000");
+
+    let decoy = send(&server.url(), "/?database=decoy", &[], &week).await;
+    let main = send(&server.url(), "/?database=default", &[], &week).await;
+    assert!(same_rows(&decoy, &main).is_err(), "the two databases must hold different exposures");
+    same_when_rewritten(&server, &proxy, "/?database=decoy", &[("X-ClickHouse-Database", "default")], &week).await;
+    same_when_rewritten(&server, &proxy, "/?database=default", &[("X-ClickHouse-Database", "decoy")], &week).await;
+    same_when_rewritten(&server, &proxy, "/?database=&database=decoy&database=default", &[], &week).await;
+
+    let encode = |sql: &str| -> String { form_urlencoded::byte_serialize(sql.as_bytes()).collect() };
+    let two_queries = format!("/?query={}&query={}", encode(&week), encode(&days));
+    same_when_rewritten(&server, &proxy, &two_queries, &[], "").await;
+
+    let identity = [("Content-Encoding", "identity")];
+    let direct = send(&server.url(), "/", &identity, &week).await;
+    let proxied = send(&proxy.url(), "/", &identity, &week).await;
+    assert_ne!(direct.status, 200, "ClickHouse refuses Content-Encoding: identity");
+    assert_eq!((proxied.status, &proxied.lines), (direct.status, &direct.lines));
+    assert!(proxied.preagg.starts_with("passthrough"), "{}", proxied.preagg);
 }

@@ -144,8 +144,10 @@ pub fn set_header<B>(response: &mut Response<B>, name: HeaderName, value: Header
     }
 }
 
-/// Keep-alive connections idle longer than this are closed rather than reused.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// Keep-alive connections idle longer than this are closed rather than reused: less than
+/// ClickHouse's `keep_alive_timeout` (3 s before 23.11, 10 s since), so that a request is never
+/// written to a connection the server is closing at that moment (it would fail, unanswered).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Idle connections kept by one client, shared out among its own pools; more are closed when
 /// their response ends.

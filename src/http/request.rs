@@ -111,25 +111,43 @@ impl UrlParams {
         form_urlencoded::parse(self.raw.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned()))
     }
 
-    /// The decoded value of the last parameter named `name` (ClickHouse takes the last one).
+    /// The decoded value of the first parameter named `name`: ClickHouse reads parameters with
+    /// Poco's `HTMLForm::get`, which returns the first. Bytes that are not UTF-8 become U+FFFD.
     pub fn get(&self, name: &str) -> Option<String> {
-        form_urlencoded::parse(self.raw.as_bytes()).filter(|(k, _)| k == name).last().map(|(_, v)| v.into_owned())
+        form_urlencoded::parse(self.raw.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
     }
 
-    /// The raw query string with every `query=` parameter's value replaced by `value`,
-    /// percent-encoded; all other segments keep their exact bytes.
+    /// The `query` parameter ClickHouse runs (the first), decoded exactly: its text is edited and
+    /// encoded again, so a value that does not decode to UTF-8 is an error, not replaced bytes.
+    pub fn query(&self) -> Result<Option<String>, RequestError> {
+        let Some(segment) = self.query_segment() else { return Ok(None) };
+        let value = segment.split_once('=').map_or("", |(_, value)| value).replace('+', " ");
+        let decoded = percent_encoding::percent_decode_str(&value).decode_utf8().map_err(|_| RequestError::NotUtf8)?;
+        Ok(Some(decoded.into_owned()))
+    }
+
+    /// The raw query string with the first `query=` parameter's value replaced by `value`,
+    /// percent-encoded; all other segments, later `query=` ones included, keep their exact bytes.
     pub fn with_query(&self, value: &str) -> String {
         let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+        let first = self.query_segment().map(|segment| segment.as_ptr());
         self.raw
             .split('&')
-            .map(|segment| {
-                let name = segment.split('=').next().unwrap_or("");
-                let decoded_name: String =
-                    form_urlencoded::parse(name.as_bytes()).map(|(k, _)| k.into_owned()).next().unwrap_or_default();
-                if decoded_name == "query" { format!("query={encoded}") } else { segment.to_string() }
-            })
+            .map(
+                |segment| {
+                    if Some(segment.as_ptr()) == first { format!("query={encoded}") } else { segment.to_string() }
+                },
+            )
             .collect::<Vec<_>>()
             .join("&")
+    }
+
+    /// The raw `name=value` segment of the first `query` parameter.
+    fn query_segment(&self) -> Option<&str> {
+        self.raw.split('&').find(|segment| {
+            let name = segment.split('=').next().unwrap_or("");
+            form_urlencoded::parse(name.as_bytes()).next().is_some_and(|(name, _)| name == "query")
+        })
     }
 }
 
@@ -193,13 +211,14 @@ impl QueryText {
     }
 }
 
-/// The `Content-Encoding` of a request body, if any (identity counts as none).
+/// The `Content-Encoding` of a request body, if any, as ClickHouse's `chooseCompressionMethod`
+/// reads it: exactly empty, `none` or `auto` mean none; any other value is a method name, in any
+/// case (returned lowercased). Names ClickHouse does not know (`identity`, `x-gzip`) make it
+/// refuse the request, so [`decode_body`] refuses them too and the request goes upstream
+/// untouched, for ClickHouse to answer.
 pub fn content_encoding(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .filter(|v| !v.is_empty() && v != "identity")
+    let value = String::from_utf8_lossy(headers.get(header::CONTENT_ENCODING)?.as_bytes()).trim().to_string();
+    (!matches!(value.as_str(), "" | "none" | "auto")).then(|| value.to_ascii_lowercase())
 }
 
 /// Whether the body is `multipart/form-data` (external tables): never query text.
@@ -250,10 +269,12 @@ pub fn decode_prefix(raw: &[u8], encoding: Option<&str>, limit: usize) -> Vec<u8
 #[inline(never)]
 fn decoder<'a>(raw: &'a [u8], encoding: &str) -> Result<Box<dyn Read + 'a>, RequestError> {
     Ok(match encoding {
-        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(raw)),
+        "gzip" | "gz" => Box::new(flate2::read::MultiGzDecoder::new(raw)),
         "deflate" => Box::new(flate2::read::ZlibDecoder::new(raw)),
-        "zstd" => Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| RequestError::decode(encoding, e))?),
-        "br" => Box::new(brotli::Decompressor::new(raw, 64 * 1024)),
+        "zstd" | "zst" => {
+            Box::new(zstd::stream::read::Decoder::new(raw).map_err(|e| RequestError::decode(encoding, e))?)
+        }
+        "br" | "brotli" => Box::new(brotli::Decompressor::new(raw, 64 * 1024)),
         other => return Err(RequestError::UnknownEncoding(other.to_string())),
     })
 }
@@ -271,6 +292,35 @@ mod tests {
         assert_eq!(statement_kind("insert into t format CSV\n1"), StatementKind::Insert);
         assert_eq!(statement_kind("CREATE TABLE t"), StatementKind::Other);
         assert_eq!(statement_kind("  "), StatementKind::Empty);
+    }
+
+    #[test]
+    fn the_first_query_parameter_is_read_exactly_and_is_the_only_one_replaced() {
+        let p = UrlParams::from_uri(&"/?query=SELECT+1&database=a&query=SELECT%202&database=b".parse().unwrap());
+        assert_eq!(p.query().unwrap().as_deref(), Some("SELECT 1"));
+        assert_eq!(p.get("database").as_deref(), Some("a"));
+        assert_eq!(p.with_query("SELECT 3"), "query=SELECT+3&database=a&query=SELECT%202&database=b");
+        let invalid = UrlParams::from_uri(&"/?query=SELECT+%27%FF%27".parse().unwrap());
+        assert!(matches!(invalid.query(), Err(RequestError::NotUtf8)));
+        assert_eq!(UrlParams::from_uri(&"/?query".parse().unwrap()).query().unwrap().as_deref(), Some(""));
+        assert_eq!(UrlParams::from_uri(&"/?user=a".parse().unwrap()).query().unwrap(), None);
+    }
+
+    #[test]
+    fn content_encodings_are_named_as_clickhouse_names_them() {
+        let encoding = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_ENCODING, http::HeaderValue::from_str(value).unwrap());
+            content_encoding(&headers)
+        };
+        assert_eq!(encoding("none"), None);
+        assert_eq!(encoding("auto"), None);
+        assert_eq!(encoding(" GZip ").as_deref(), Some("gzip"));
+        assert_eq!(encoding("NONE").as_deref(), Some("none"));
+        for unknown in ["identity", "x-gzip", "NONE", "xz"] {
+            let name = encoding(unknown).unwrap();
+            assert!(matches!(decode_body(b"SELECT 1", Some(&name), 1024), Err(RequestError::UnknownEncoding(_))));
+        }
     }
 
     #[test]

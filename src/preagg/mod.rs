@@ -40,7 +40,8 @@ pub fn now_micros() -> i64 {
 pub struct QueryContext {
     /// Settings given as URL parameters.
     pub url_settings: BTreeMap<String, String>,
-    /// The `database` parameter or `X-ClickHouse-Database` header.
+    /// The `X-ClickHouse-Database` header, else the first non-empty `database` parameter (as
+    /// ClickHouse's HTTP handler picks it); empty for the user's default database.
     pub database: String,
     /// The ClickHouse user the request authenticates as, if it says.
     pub user: Option<String>,
@@ -51,14 +52,23 @@ impl QueryContext {
     pub fn from_request(params: &UrlParams, headers: &HeaderMap) -> QueryContext {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
         let basic_user = header("authorization").and_then(|v| {
-            let encoded = v.strip_prefix("Basic ")?;
+            // The scheme is compared as ClickHouse does: case-insensitively.
+            let (scheme, encoded) = v.split_once(' ')?;
+            if !scheme.eq_ignore_ascii_case("basic") {
+                return None;
+            }
             let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
             let text = String::from_utf8(decoded).ok()?;
             Some(text.split_once(':').map(|(u, _)| u.to_string()).unwrap_or(text))
         });
         QueryContext {
             url_settings: settings::url_settings(params.pairs()),
-            database: params.get("database").or_else(|| header("x-clickhouse-database")).unwrap_or_default(),
+            database: header("x-clickhouse-database")
+                .filter(|database| !database.is_empty())
+                .or_else(|| {
+                    params.pairs().find(|(name, value)| name == "database" && !value.is_empty()).map(|(_, v)| v)
+                })
+                .unwrap_or_default(),
             user: header("x-clickhouse-user").or_else(|| params.get("user")).or(basic_user),
         }
     }
@@ -905,6 +915,29 @@ mod tests {
     fn key(day: i64) -> BuildKey {
         let windows = vec![Window { start: day * 86_400_000_000, end: (day + 1) * 86_400_000_000 }];
         Arc::new(BuildTarget { team_id: 1, query_hash: "hash".to_string(), windows })
+    }
+
+    #[test]
+    fn the_database_and_user_are_the_ones_clickhouse_picks() {
+        let context = |uri: &str, headers: &[(&str, &str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in headers {
+                map.insert(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+            }
+            QueryContext::from_request(&UrlParams::from_uri(&uri.parse().unwrap()), &map)
+        };
+        assert_eq!(context("/?database=a", &[("x-clickhouse-database", "b")]).database, "b");
+        assert_eq!(context("/?database=a", &[("x-clickhouse-database", "")]).database, "a");
+        assert_eq!(context("/?database=&database=c&database=d", &[]).database, "c");
+        assert_eq!(context("/", &[]).database, "");
+        // "u:p" and "v:p" in base64.
+        assert_eq!(context("/", &[("authorization", "basic dTpw")]).user.as_deref(), Some("u"));
+        assert_eq!(context("/?user=w&user=x", &[]).user.as_deref(), Some("w"));
+        assert_eq!(
+            context("/", &[("x-clickhouse-user", "v"), ("authorization", "Basic djpw")]).user.as_deref(),
+            Some("v")
+        );
+        assert_eq!(context("/", &[("authorization", "Bearer dTpw")]).user, None);
     }
 
     #[test]

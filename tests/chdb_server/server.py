@@ -117,19 +117,25 @@ class ServerStopping(Exception):
 
 
 def _decoder(content_encoding: str, engine: Engine):
-    """A callable that decodes the request body incrementally, or None for a plain body."""
-    name = content_encoding.strip().lower()
+    """A callable that decodes the request body incrementally, or None for a plain body. Names as
+    ClickHouse's chooseCompressionMethod takes them: exactly "", "none" or "auto" for none, else a
+    method name or alias in any case; anything else ("identity", "x-gzip") is refused."""
+    hint = content_encoding.strip()
+    name = hint.lower()
+    gzip = lambda: zlib.decompressobj(16 + zlib.MAX_WBITS).decompress  # noqa: E731
+    br = brotli and (lambda: brotli.Decompressor().process)
+    xz = lambda: lzma.LZMADecompressor().decompress  # noqa: E731
+    zstd = zstandard and (lambda: zstandard.ZstdDecompressor().decompressobj().decompress)
     factories = {
-        "gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS).decompress,
-        "x-gzip": lambda: zlib.decompressobj(16 + zlib.MAX_WBITS).decompress,
+        "gzip": gzip, "gz": gzip,
         "deflate": lambda: zlib.decompressobj().decompress,  # zlib format, as ClickHouse's "deflate"
-        "xz": lambda: lzma.LZMADecompressor().decompress,
+        "xz": xz, "lzma": xz,
         "bz2": lambda: bz2.BZ2Decompressor().decompress,
-        "br": brotli and (lambda: brotli.Decompressor().process),
-        "zstd": zstandard and (lambda: zstandard.ZstdDecompressor().decompressobj().decompress),
+        "br": br, "brotli": br,
+        "zstd": zstd, "zst": zstd,
         "lz4": lz4_frame and (lambda: lz4_frame.LZ4FrameDecompressor().decompress),
     }
-    if name in ("", "none", "identity"):
+    if hint in ("", "none", "auto"):
         return None
     if name not in factories:
         raise engine.error(BAD_ARGUMENTS, f"Unknown compression method '{content_encoding}'. Only 'auto', 'none', "
@@ -491,14 +497,22 @@ class QueryRequest:
         self.response = response
         self.record = record
         self.headers = handler.headers
-        self.params = dict(parse_qsl(urlsplit(handler.path).query, keep_blank_values=True))
-        self.settings = {name: value for name, value in self.params.items()
+        pairs = parse_qsl(urlsplit(handler.path).query, keep_blank_values=True)
+        # As ClickHouse: settings and query parameters apply in order (the last one holds); other
+        # parameters are read with Poco's HTMLForm::get, which returns the first; database and
+        # default_format take the first non-empty one, and their headers win over them.
+        self.params = {}
+        for name, value in pairs:
+            self.params.setdefault(name, value)
+        last = dict(pairs)
+        self.settings = {name: value for name, value in last.items()
                          if name and name not in RESERVED_PARAMS and not name.startswith("param_")}
-        self.query_params = {name[len("param_"):]: value for name, value in self.params.items()
+        self.query_params = {name[len("param_"):]: value for name, value in last.items()
                              if name.startswith("param_")}
+        first_non_empty = lambda wanted: next((v for n, v in pairs if n == wanted and v), "")  # noqa: E731
         self.query_id = self.params.get("query_id") or self.headers.get("X-ClickHouse-Query-Id") or str(uuid.uuid4())
-        self.database = self.headers.get("X-ClickHouse-Database") or self.params.get("database", "")
-        self.default_format = (self.headers.get("X-ClickHouse-Format") or self.params.get("default_format")
+        self.database = self.headers.get("X-ClickHouse-Database") or first_non_empty("database")
+        self.default_format = (self.headers.get("X-ClickHouse-Format") or first_non_empty("default_format")
                                or "TabSeparated")
         self.body = BodyReader(handler, self.engine)
         self.user = ""
