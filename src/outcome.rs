@@ -80,6 +80,10 @@ pub enum Reason {
     DescribeFailed,
     /// The rewritten query failed upstream; the original was sent instead.
     RewrittenQueryFailed,
+    /// `jobs_per_user` is on and the request authenticates in a way the proxy cannot read (an
+    /// `Authorization` scheme other than Basic, a client certificate): its preaggregates could not
+    /// be built as its user.
+    UnknownCredentials,
     /// Shadow mode: the client gets the original; the rewrite is compared in the background.
     Shadow,
 }
@@ -147,6 +151,7 @@ reason_codes! {
     BuildQueueFull => "build_queue_full",
     DescribeFailed => "describe_failed",
     RewrittenQueryFailed => "rewritten_query_failed",
+    UnknownCredentials => "unknown_credentials",
     Shadow => "shadow",
 }
 

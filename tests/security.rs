@@ -1,5 +1,5 @@
 //! Security properties: literals that try to break quoting come out byte for byte; preaggregates
-//! can be kept per ClickHouse user; analysis has a time budget.
+//! can be kept per ClickHouse user, and are then built as that user; analysis has a time budget.
 
 mod common;
 
@@ -89,6 +89,26 @@ async fn jobs_per_user_keeps_preaggregates_apart() {
         let hashes: std::collections::HashSet<&str> =
             jobs["jobs"].as_array().unwrap().iter().map(|j| j["query_hash"].as_str().unwrap()).collect();
         assert_eq!(hashes.len(), expected_hashes, "jobs_per_user={per_user}");
+        // Kept per user, windows are built as the user, so that its grants and row policies apply.
+        let builders: std::collections::BTreeSet<String> = server
+            .requests()
+            .iter()
+            .filter(|r| r["query"].as_str().is_some_and(|q| q.starts_with(&format!("INSERT INTO `{database}`"))))
+            .map(|r| r["user"].as_str().unwrap_or("").to_string())
+            .collect();
+        let expected: &[&str] = if per_user == "true" { &["alice", "bob"] } else { &["default"] };
+        assert_eq!(builders.iter().map(String::as_str).collect::<Vec<_>>(), expected, "jobs_per_user={per_user}");
+        if per_user == "true" {
+            // Credentials the proxy cannot read: nothing is built, the query goes as it came.
+            let response = client()
+                .post(format!("{}/?default_format=TSV", proxy.url()))
+                .header("Authorization", "Negotiate dG9rZW4=")
+                .body(sql.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.headers()["x-preagg"], "passthrough reason=unknown_credentials");
+        }
     }
 }
 

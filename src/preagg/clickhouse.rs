@@ -88,13 +88,16 @@ pub fn cluster_settings(layout: &Layout) -> Vec<(&'static str, &'static str)> {
     }
 }
 
-/// The per-request context a build runs in: the client's database and settings.
+/// The per-request context a build runs in: the client's database and settings, and the client's
+/// credentials when builds run as the client.
 #[derive(Debug, Clone, Default)]
 pub struct StatementContext {
     /// Database (empty: the proxy user's default).
     pub database: String,
     /// Settings (URL-parameter form).
     pub settings: BTreeMap<String, String>,
+    /// The user to run as (`None`: the proxy's own user).
+    pub credentials: Option<super::Credentials>,
 }
 
 /// How long an idle connection of the proxy's own statements is kept: less than ClickHouse's
@@ -145,7 +148,12 @@ impl ClickHouse {
     }
 
     fn query(&self, sql: &str, context: &StatementContext) -> clickhouse::query::Query {
-        let mut query = self.client.query_raw(sql);
+        let mut query = match &context.credentials {
+            Some(credentials) => {
+                self.client.clone().with_user(&credentials.user).with_password(credentials.password()).query_raw(sql)
+            }
+            None => self.client.query_raw(sql),
+        };
         if !context.database.is_empty() {
             query = query.with_setting("database", context.database.clone());
         }

@@ -43,24 +43,67 @@ pub struct QueryContext {
     /// The `X-ClickHouse-Database` header, else the first non-empty `database` parameter (as
     /// ClickHouse's HTTP handler picks it); empty for the user's default database.
     pub database: String,
-    /// The ClickHouse user the request authenticates as, if it says.
-    pub user: Option<String>,
+    /// The credentials the request authenticates with; `None` when ClickHouse would take them
+    /// from where the proxy cannot (an `Authorization` scheme other than Basic, a client
+    /// certificate).
+    pub credentials: Option<Credentials>,
+}
+
+/// A ClickHouse user and password, as a request gives them. The password is never shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user.
+    pub user: String,
+    password: String,
+}
+
+impl Credentials {
+    /// The password, for use (never for logging).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// The credentials of a request, read as ClickHouse's HTTP handler reads them: the
+    /// `X-ClickHouse-User`/`X-ClickHouse-Key` headers when any `X-ClickHouse-` credential header is
+    /// set, else a Basic `Authorization` header, else the first `user` (default `default`) and
+    /// `password` parameters.
+    fn from_request(params: &UrlParams, headers: &HeaderMap) -> Option<Credentials> {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        if header("x-clickhouse-ssl-certificate-auth") == "on" {
+            return None;
+        }
+        let (user, key) = (header("x-clickhouse-user"), header("x-clickhouse-key"));
+        if !user.is_empty() || !key.is_empty() || !header("x-clickhouse-quota").is_empty() {
+            return Some(Credentials { user: user.to_string(), password: key.to_string() });
+        }
+        if headers.contains_key(http::header::AUTHORIZATION) {
+            // The scheme is compared as ClickHouse does: case-insensitively.
+            let (scheme, encoded) = header("authorization").split_once(' ')?;
+            if !scheme.eq_ignore_ascii_case("basic") {
+                return None;
+            }
+            let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+            let text = String::from_utf8(decoded).ok()?;
+            let (user, password) = text.split_once(':').unwrap_or((&text, ""));
+            return Some(Credentials { user: user.to_string(), password: password.to_string() });
+        }
+        Some(Credentials {
+            user: params.get("user").unwrap_or_else(|| "default".to_string()),
+            password: params.get("password").unwrap_or_default(),
+        })
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials").field("user", &self.user).field("password", &"***").finish()
+    }
 }
 
 impl QueryContext {
     /// Reads the context from a request's URL parameters and headers.
     pub fn from_request(params: &UrlParams, headers: &HeaderMap) -> QueryContext {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let basic_user = header("authorization").and_then(|v| {
-            // The scheme is compared as ClickHouse does: case-insensitively.
-            let (scheme, encoded) = v.split_once(' ')?;
-            if !scheme.eq_ignore_ascii_case("basic") {
-                return None;
-            }
-            let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
-            let text = String::from_utf8(decoded).ok()?;
-            Some(text.split_once(':').map(|(u, _)| u.to_string()).unwrap_or(text))
-        });
         QueryContext {
             url_settings: settings::url_settings(params.pairs()),
             database: header("x-clickhouse-database")
@@ -69,7 +112,7 @@ impl QueryContext {
                     params.pairs().find(|(name, value)| name == "database" && !value.is_empty()).map(|(_, v)| v)
                 })
                 .unwrap_or_default(),
-            user: header("x-clickhouse-user").or_else(|| params.get("user")).or(basic_user),
+            credentials: Credentials::from_request(params, headers),
         }
     }
 }
@@ -381,7 +424,11 @@ impl Engine {
         sql::Context {
             url_settings: context.url_settings.clone(),
             database: context.database.clone(),
-            user: if self.settings().jobs_per_user { context.user.clone() } else { None },
+            user: if self.settings().jobs_per_user {
+                context.credentials.as_ref().map(|c| c.user.clone())
+            } else {
+                None
+            },
             preagg_database: self.clickhouse.layout().database.clone(),
         }
     }
@@ -399,6 +446,11 @@ impl Engine {
         context: &QueryContext,
         text: &str,
     ) -> Result<Analysis, Reason> {
+        // Preaggregates kept per user are built as that user: one whose credentials cannot be
+        // read would get windows built with the proxy's rights.
+        if self.settings().jobs_per_user && context.credentials.is_none() {
+            return Err(Reason::UnknownCredentials);
+        }
         let started = Instant::now();
         let budget = self.settings().max_parse_time;
         let result = sql::analyze_applicable(applicable, text, &self.sql_context(context), budget);
@@ -661,8 +713,14 @@ impl Engine {
         }
     }
 
+    /// The context of a query's builds: its database and settings, and with `jobs_per_user` its
+    /// credentials, so that the user's grants and row policies apply to what is built for it.
     fn statement_context(&self, analysis: &Analysis, context: &QueryContext) -> StatementContext {
-        StatementContext { database: context.database.clone(), settings: settings::for_builds(&analysis.settings) }
+        StatementContext {
+            database: context.database.clone(),
+            settings: settings::for_builds(&analysis.settings),
+            credentials: if self.settings().jobs_per_user { context.credentials.clone() } else { None },
+        }
     }
 
     /// Builds the windows of `key` once, however many queries ask at the same time, holding
@@ -930,14 +988,17 @@ mod tests {
         assert_eq!(context("/?database=a", &[("x-clickhouse-database", "")]).database, "a");
         assert_eq!(context("/?database=&database=c&database=d", &[]).database, "c");
         assert_eq!(context("/", &[]).database, "");
+        let user = |uri: &str, headers: &[(&str, &str)]| context(uri, headers).credentials.map(|c| c.user);
         // "u:p" and "v:p" in base64.
-        assert_eq!(context("/", &[("authorization", "basic dTpw")]).user.as_deref(), Some("u"));
-        assert_eq!(context("/?user=w&user=x", &[]).user.as_deref(), Some("w"));
-        assert_eq!(
-            context("/", &[("x-clickhouse-user", "v"), ("authorization", "Basic djpw")]).user.as_deref(),
-            Some("v")
-        );
-        assert_eq!(context("/", &[("authorization", "Bearer dTpw")]).user, None);
+        assert_eq!(user("/", &[("authorization", "basic dTpw")]).as_deref(), Some("u"));
+        assert_eq!(context("/", &[("authorization", "Basic dTpw")]).credentials.unwrap().password(), "p");
+        assert_eq!(user("/?user=w&user=x", &[]).as_deref(), Some("w"));
+        assert_eq!(user("/", &[]).as_deref(), Some("default"));
+        assert_eq!(user("/", &[("x-clickhouse-user", "v"), ("authorization", "Basic djpw")]).as_deref(), Some("v"));
+        assert_eq!(user("/", &[("authorization", "Bearer dTpw")]), None);
+        assert_eq!(user("/", &[("x-clickhouse-ssl-certificate-auth", "on"), ("x-clickhouse-user", "v")]), None);
+        let shown = format!("{:?}", context("/?user=u&password=s3cret", &[]));
+        assert!(shown.contains("\"u\"") && !shown.contains("s3cret"), "{shown}");
     }
 
     #[test]
