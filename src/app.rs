@@ -228,6 +228,7 @@ const RESTART_KEYS: &[&str] = &[
     "upstream_timeout",
     "shutdown_grace",
     "client_send_timeout",
+    "client_receive_timeout",
     "workers",
     "log_format",
     "job_cache_capacity",

@@ -52,6 +52,11 @@ pub const KEYS: &[KeySpec] = &[
         Some("60s"),
         "Longest a client may take none of an answer before its connection is dropped (nginx's send_timeout)",
     ),
+    key(
+        "client_receive_timeout",
+        Some("30s"),
+        "Longest a client may send none of a query body the proxy reads before it gets 400 (ClickHouse's http_receive_timeout)",
+    ),
     key("upstream", Some("http://127.0.0.1:8123"), "ClickHouse HTTP endpoint queries are forwarded to"),
     key("store", Some("sqlite://preagg-jobs.db"), "Job store: sqlite://PATH (embedded default) or postgres://..."),
     key(
@@ -353,6 +358,8 @@ pub struct Config {
     pub listen_tls: Option<ListenerCert>,
     /// How long a client may take none of an answer.
     pub client_send_timeout: Duration,
+    /// How long a client may send none of a query body the proxy reads.
+    pub client_receive_timeout: Duration,
     /// ClickHouse endpoint that receives forwarded queries.
     pub upstream: Endpoint,
     /// Job store URL.
@@ -520,6 +527,7 @@ impl Config {
             listen: m.parse("listen", parse_addr)?,
             listen_tls: m.listener_cert()?,
             client_send_timeout: m.parse("client_send_timeout", parse_positive_duration)?,
+            client_receive_timeout: m.parse("client_receive_timeout", parse_positive_duration)?,
             upstream,
             store: m.parse("store", parse_store)?,
             store_timeout: m.parse("store_timeout", parse_duration)?,
@@ -580,6 +588,7 @@ impl Config {
                 self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::describe_key_file)
             ),
             format!("client_send_timeout = {:?}", self.client_send_timeout),
+            format!("client_receive_timeout = {:?}", self.client_receive_timeout),
             format!("upstream = {}", self.upstream.redacted()),
             format!("store = {store}"),
             format!("store_timeout = {:?}", self.store_timeout),

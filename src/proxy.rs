@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
@@ -49,6 +49,8 @@ pub struct Proxy {
     shadow: Option<Arc<Shadow>>,
     started_off: bool,
     max_body_bytes: Arc<AtomicUsize>,
+    /// Longest wait for more of a body read as query text.
+    receive_timeout: Duration,
 }
 
 /// A request body read as far as needed.
@@ -83,6 +85,7 @@ impl Proxy {
             shadow,
             started_off: config.mode == Mode::Off,
             max_body_bytes: Arc::new(AtomicUsize::new(config.max_body_bytes)),
+            receive_timeout: config.client_receive_timeout,
         }
     }
 
@@ -95,6 +98,7 @@ impl Proxy {
             shadow: self.shadow.clone(),
             started_off: self.started_off,
             max_body_bytes: Arc::clone(&self.max_body_bytes),
+            receive_timeout: self.receive_timeout,
         }
     }
 
@@ -152,7 +156,7 @@ impl Proxy {
         // Phase 2: read the query text.
         let encoding = request::content_encoding(&parts.headers);
         let max_body_bytes = self.max_body_bytes.load(Ordering::Relaxed);
-        let raw = match read_body(body, max_body_bytes).await {
+        let raw = match read_body(body, max_body_bytes, self.receive_timeout).await {
             Ok(ReadBody::Complete(raw)) => raw,
             Ok(ReadBody::Overflow { prefix, rest }) => {
                 let head: Vec<u8> = prefix.iter().flat_map(|b| b.iter().copied()).take(64 * 1024).collect();
@@ -326,11 +330,24 @@ async fn error_text(response: Response<ProxyBody>) -> String {
     String::from_utf8_lossy(&text).into_owned()
 }
 
-/// Reads the body whole if it fits under `cap`.
-async fn read_body(mut body: ClientBody, cap: usize) -> Result<ReadBody, ClientBodyError> {
+/// Why a body could not be read as query text.
+#[derive(Debug, thiserror::Error)]
+enum ReadBodyError {
+    /// The body's framing broke, or the client went away.
+    #[error(transparent)]
+    Client(#[from] ClientBodyError),
+    /// The client sent nothing more for the receive timeout.
+    #[error("no data for {0:?} (client_receive_timeout)")]
+    Stalled(Duration),
+}
+
+/// Reads the body whole if it fits under `cap`, waiting no longer than `timeout` for each piece.
+async fn read_body(mut body: ClientBody, cap: usize, timeout: Duration) -> Result<ReadBody, ReadBodyError> {
     let mut chunks = Vec::new();
     let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
+    while let Some(frame) =
+        tokio::time::timeout(timeout, body.frame()).await.map_err(|_| ReadBodyError::Stalled(timeout))?
+    {
         if let Ok(data) = frame?.into_data() {
             total += data.len();
             chunks.push(data);

@@ -847,3 +847,27 @@ async fn a_client_that_stops_reading_its_answer_is_dropped_after_the_send_timeou
     assert_answers_as_direct(&proxy, &SERVER.url(), &[query()]).await;
     assert_healthy(&proxy);
 }
+
+/// A client that stops sending the query body it announced holds its request only for
+/// `client_receive_timeout`: then it is answered 400 and its connection closed, as ClickHouse does
+/// after `http_receive_timeout`, instead of holding a task until shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_sending_its_body_is_answered_after_the_receive_timeout() {
+    let _serial = SERIAL.lock().await;
+    let proxy = ProxyProcess::start(&SERVER.url(), &[("client_receive_timeout", "1s")]);
+    let mut stalled = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    stalled.write_all(b"POST / HTTP/1.1\r\nHost: stall\r\nContent-Length: 100\r\n\r\nSELECT 1").await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed within the timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains("client_receive_timeout"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "answered after {:?}", started.elapsed());
+    assert_eq!(in_flight(&proxy).await, 0.0, "the request is over");
+    assert_answers_as_direct(&proxy, &SERVER.url(), &[query()]).await;
+    assert_healthy(&proxy);
+}
