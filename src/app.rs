@@ -2,7 +2,7 @@
 //! background so the proxy serves pass-through from its first second), and the listeners.
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -81,8 +81,9 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let admin_listener =
         TcpListener::bind(config.admin_listen).await.with_context(|| format!("binding {}", config.admin_listen))?;
     let engine: EngineSlot = Arc::new(OnceLock::new());
+    let pending = PendingReload::default();
     if config.mode != Mode::Off {
-        tokio::spawn(connect_engine(config.clone(), rules.clone(), Arc::clone(&engine)));
+        tokio::spawn(connect_engine(config.clone(), rules.clone(), Arc::clone(&engine), Arc::clone(&pending)));
     }
     let shadow = Shadow::start(&config, Arc::clone(&engine));
     let admin = Admin::new(&config, Arc::clone(&engine), Some(Arc::clone(&shadow)), metrics);
@@ -92,6 +93,7 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         source,
         config: config.clone(),
         engine: Arc::clone(&engine),
+        pending,
         proxy: Arc::clone(&proxy),
         shadow,
         listen_tls: listen_tls.clone(),
@@ -150,6 +152,8 @@ struct Reloader {
     source: ConfigSource,
     config: Config,
     engine: EngineSlot,
+    /// Where a reload waits while the engine is not connected yet.
+    pending: PendingReload,
     proxy: Arc<Proxy>,
     shadow: Arc<Shadow>,
     /// The client listener's TLS, whose certificate a reload replaces.
@@ -187,9 +191,18 @@ impl Reloader {
                 tracing::warn!("turning TLS on the client listener on or off takes effect after a restart");
             }
         }
-        if let Some(engine) = self.engine.get() {
-            engine.replace_rules(rules).await.context("creating tables for the new rules")?;
-            engine.reload_settings(&config);
+        // Checked under the pending lock, as `connect_engine` sets the engine: either the engine is
+        // here now, or the reload is left where `connect_engine` will find it.
+        let engine = {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let engine = self.engine.get().cloned();
+            if engine.is_none() {
+                *pending = Some((config.clone(), rules.clone()));
+            }
+            engine
+        };
+        if let Some(engine) = engine {
+            apply_reload(&engine, &config, rules).await?;
         }
         self.proxy.reload(&config);
         self.shadow.set_sample_rate(config.shadow_sample_rate);
@@ -246,13 +259,33 @@ const RESTART_KEYS: &[&str] = &[
 
 /// Connects the job store and ClickHouse, creates the tables, and publishes the engine; retries
 /// until it succeeds. Until then queries pass through with `store_unavailable`.
-async fn connect_engine(config: Config, rules: Vec<Arc<Rule>>, slot: EngineSlot) {
+/// A reload that came before the engine was connected: its configuration and rules.
+type PendingReload = Arc<Mutex<Option<(Config, Vec<Arc<Rule>>)>>>;
+
+/// Gives a running engine the reloadable part of a new configuration and its rules.
+async fn apply_reload(engine: &Engine, config: &Config, rules: Vec<Arc<Rule>>) -> anyhow::Result<()> {
+    engine.replace_rules(rules).await.context("creating tables for the new rules")?;
+    engine.reload_settings(config);
+    Ok(())
+}
+
+async fn connect_engine(config: Config, rules: Vec<Arc<Rule>>, slot: EngineSlot, pending: PendingReload) {
     let mut delay = Duration::from_millis(500);
     loop {
         match build_engine(&config, rules.clone()).await {
             Ok(engine) => {
-                let _ = slot.set(engine);
+                let reload = {
+                    let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
+                    let _ = slot.set(Arc::clone(&engine));
+                    pending.take()
+                };
                 tracing::info!("engine ready: job store connected, tables present");
+                // The engine was made from the configuration at start; a reload since then applies now.
+                if let Some((config, rules)) = reload
+                    && let Err(error) = apply_reload(&engine, &config, rules).await
+                {
+                    tracing::error!(error = %format!("{error:#}"), "applying the reload that came before the engine was ready");
+                }
                 return;
             }
             Err(error) => {

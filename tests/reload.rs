@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::relay::{Mode, Relay};
 use common::{ChServer, ProxyProcess, client, root, wait_for};
 
 /// An experiment query whose range is in the future: analyzed and matched, never built.
@@ -72,4 +73,33 @@ async fn sighup_reloads_rules_and_settings_without_dropping_connections() {
     });
     let (status, _) = preagg_of(&proxy.url(), "SELECT 1").await;
     assert_eq!(status, 200);
+}
+
+/// A reload that comes while the job store is unreachable (the engine not connected yet) is not
+/// lost: once the engine connects, it runs with the reloaded rules, not those of the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_before_the_engine_is_ready_applies_once_it_is() {
+    let server = ChServer::start();
+    let relay = Relay::start("127.0.0.1:5432".parse().unwrap()).await;
+    relay.set(Mode::Drop);
+    let store = common::postgres_url().replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::copy(root().join("rules/experiment_exposures.toml"), rules.join("experiment_exposures.toml")).unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(&config, format!("rules = \"{}\"\n", rules.display())).unwrap();
+    let proxy = ProxyProcess::start(&server.url(), &[("config", config.to_str().unwrap()), ("store", &store)]);
+    wait_for("the engine to fail to connect", Duration::from_secs(10), || {
+        proxy.log_lines().iter().any(|l| l["message"] == "engine not ready; queries pass through").then_some(())
+    });
+    std::fs::remove_file(rules.join("experiment_exposures.toml")).unwrap();
+    proxy.signal("HUP");
+    wait_for("the reload", Duration::from_secs(10), || {
+        proxy.log_lines().iter().any(|l| l["message"] == "configuration reloaded").then_some(())
+    });
+    relay.set(Mode::Forward);
+    proxy.wait_engine_ready();
+    let (_, preagg) = preagg_of(&proxy.url(), FUTURE_QUERY).await;
+    assert_eq!(preagg, "passthrough reason=not_experiment_query", "the rule removed by the reload is gone");
 }
