@@ -202,7 +202,14 @@ impl Reloader {
             engine
         };
         if let Some(engine) = engine {
-            apply_reload(&engine, &config, rules).await?;
+            let certificate = if self.listen_tls.is_some() && config.listen_tls.is_some() {
+                "; the listener's new certificate is in use already"
+            } else {
+                ""
+            };
+            apply_reload(&engine, &config, rules)
+                .await
+                .with_context(|| format!("rules and settings not reloaded{certificate}"))?;
         }
         self.proxy.reload(&config);
         self.shadow.set_sample_rate(config.shadow_sample_rate);

@@ -7,12 +7,19 @@ use std::fmt;
 
 use http::HeaderValue;
 
-/// Why a request was forwarded untouched. The codes are stable: dashboards and tests use them.
+/// Why a request was not rewritten: forwarded untouched, or (`BadRequest`, `BodyTooLarge`)
+/// answered by the proxy itself. The codes are stable: dashboards and tests use them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// The path is not ClickHouse's query endpoint (`/ping`, `/play`, ...).
     NotQueryEndpoint,
+    /// The request could not be read (a malformed or oversized head, a body that broke off or
+    /// stalled): the proxy answered it itself, with 400 or 431.
+    BadRequest,
+    /// A body other than INSERT data is larger than `max_body_bytes`: the proxy answered it
+    /// itself, with 413.
+    BodyTooLarge,
     /// An INSERT: the body is data.
     Insert,
     /// Not a SELECT (DDL, SHOW, SYSTEM, ...), or no query text.
@@ -118,6 +125,8 @@ macro_rules! reason_codes {
 
 reason_codes! {
     NotQueryEndpoint => "not_query_endpoint",
+    BadRequest => "bad_request",
+    BodyTooLarge => "body_too_large",
     Insert => "insert",
     NotSelect => "not_select",
     ExternalData => "external_data",

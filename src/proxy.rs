@@ -8,8 +8,10 @@
 //!    query that fails there is retried as the original;
 //! 5. **respond**: stream the upstream's answer back unchanged, plus `X-Preagg`.
 //!
-//! Every failure before forwarding becomes a pass-through with a reason code; failures of the
-//! upstream itself become ClickHouse-style 502/504 answers.
+//! Every failure before forwarding becomes a pass-through with a reason code, except a request
+//! that cannot be read (`bad_request`) or whose text is too large to read (`body_too_large`),
+//! which the proxy answers itself; failures of the upstream itself become ClickHouse-style
+//! 502/504 answers.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -169,12 +171,12 @@ impl Proxy {
                     "request body is larger than max_body_bytes ({max_body_bytes} bytes); only INSERT data may be larger"
                 );
                 let response = error_response(StatusCode::PAYLOAD_TOO_LARGE, 1002, "PREAGG_BODY_TOO_LARGE", &message);
-                return (response, Outcome::Passthrough(Reason::NotSelect));
+                return (response, Outcome::Passthrough(Reason::BodyTooLarge));
             }
             Err(error) => {
                 let message = format!("cannot read the request body: {error}");
                 let response = error_response(StatusCode::BAD_REQUEST, 1001, "PREAGG_BAD_REQUEST", &message);
-                return (response, Outcome::Passthrough(Reason::NotSelect));
+                return (response, Outcome::Passthrough(Reason::BadRequest));
             }
         };
         let text = match query_text(url_query, &raw, encoding.as_deref(), max_body_bytes) {

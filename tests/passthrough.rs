@@ -208,16 +208,19 @@ async fn malformed_oversized_unreachable_and_slow_get_documented_answers() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("X-ClickHouse-Exception-Code: 1001"), "{answer}");
     assert!(answer.contains("Code: 1001. DB::Exception: preagg-proxy: malformed HTTP request"), "{answer}");
+    assert!(answer.contains("X-Preagg: passthrough reason=bad_request"), "{answer}");
     // A chunked body that breaks off mid-chunk.
     let answer = raw_exchange(
         PROXY.port,
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nSELECT\r\n",
     );
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("x-preagg: passthrough reason=bad_request"), "{answer}");
     // Oversized query text (the cap is 1 MiB here); INSERT data may be larger.
     let big = format!("SELECT '{}'", "x".repeat(2 * 1024 * 1024));
     let p = send(&PROXY.url(), "POST", "/", &[], big.into_bytes()).await;
     assert_eq!(p.status, 413);
+    assert_eq!(p.headers["x-preagg"], "passthrough reason=body_too_large");
     assert!(
         String::from_utf8_lossy(&p.body).starts_with("Code: 1002. DB::Exception: preagg-proxy: request body is larger")
     );

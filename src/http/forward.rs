@@ -162,7 +162,8 @@ type UpstreamConnection = h1::Connection<UpstreamStream>;
 /// The HTTP/1.1 client to the upstream ClickHouse: keep-alive connections ([`h1::Connection`]),
 /// each carrying one request at a time, reused most-recent first. A connection goes back to the
 /// pool when the response body it carried, read to its end, is dropped; a body abandoned half-way
-/// closes its connection (which cancels the query upstream).
+/// closes its connection (ClickHouse stops the query when it next writes to it, or at once for a
+/// read-only query with `cancel_http_readonly_queries_on_client_close`).
 ///
 /// Each proxy worker thread has its own pool ([`Upstream::with_own_pool`]): a connection is then
 /// driven by the thread whose requests use it.
@@ -281,8 +282,9 @@ impl http_body::Body for UpstreamBody {
 }
 
 impl Drop for UpstreamBody {
-    /// A body read to its end (or done before anyone polled it: hyper's server sends an empty one
-    /// without polling) gives its connection back; one abandoned half-way closes it.
+    /// A body read to its end (or done before anyone polled it: the server drops the body of an
+    /// answer that has none, such as HEAD's, unpolled) gives its connection back; one abandoned
+    /// half-way closes it.
     fn drop(&mut self) {
         if let Some(connection) = self.body.take_reusable() {
             self.pool.release(connection);

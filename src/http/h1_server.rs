@@ -433,7 +433,7 @@ fn refusal(error: &HeadError) -> (Vec<u8>, u16) {
     let body = format!("Code: 1001. DB::Exception: preagg-proxy: {message}. (PREAGG_BAD_REQUEST)\n");
     let answer = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=UTF-8\r\nX-ClickHouse-Exception-Code: 1001\r\n\
-         X-Preagg: passthrough reason=not_query_endpoint\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+         X-Preagg: passthrough reason=bad_request\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
         status.as_str(),
         status.canonical_reason().unwrap_or(""),
         body.len()
