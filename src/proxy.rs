@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 
 use crate::config::{Config, Mode};
 use crate::http::access::{AccessRecord, LoggedBody, RequestLog};
-use crate::http::forward::{self, ProxyBody, Upstream, UpstreamRequestBody, error_response};
+use crate::http::forward::{self, ProxyBody, Upstream, UpstreamError, UpstreamRequestBody, error_response};
 use crate::http::h1::RequestBody;
 use crate::http::h1_server::{ClientBody, ClientBodyError};
 use crate::http::request::{self, QueryText, StatementKind, TextPart, UrlParams};
@@ -253,7 +253,9 @@ impl Proxy {
     }
 
     /// Phase 4 for rewritten requests: on an upstream error status the original is sent instead,
-    /// so the client sees exactly what ClickHouse says about its own query.
+    /// so the client sees exactly what ClickHouse says about its own query. A rewritten query that
+    /// got no answer within `upstream_timeout` is not sent again: the client has waited that long
+    /// already, and gets the 504 rather than a second wait.
     async fn forward_rewritten(
         &self,
         engine: Arc<Engine>,
@@ -278,10 +280,15 @@ impl Proxy {
                 (path, RequestBody::Full(body))
             }
         };
-        let response = self.send(parts.method.clone(), &path, headers, body).await;
-        if response.status().is_success() {
-            return (response, None);
-        }
+        let response = match self.send_or_fail(parts.method.clone(), &path, headers, body).await {
+            Ok(response) if response.status().is_success() => return (response, None),
+            Ok(response) => response,
+            Err(error @ UpstreamError::Timeout { .. }) => {
+                tracing::warn!(%error, "rewritten query timed out upstream; not sending the original after it");
+                return (error.to_response(), Some(Outcome::Passthrough(Reason::RewrittenQueryFailed)));
+            }
+            Err(error) => error.to_response(),
+        };
         let status = response.status();
         let error = error_text(response).await;
         tracing::warn!(%status, error = %error.trim(), "rewritten query failed upstream; sending the original");
@@ -301,15 +308,26 @@ impl Proxy {
         headers: HeaderMap,
         body: UpstreamRequestBody,
     ) -> Response<ProxyBody> {
+        self.send_or_fail(method, path, headers, body).await.unwrap_or_else(|error| error.to_response())
+    }
+
+    /// Sends to the upstream; a transport failure is logged and returned.
+    async fn send_or_fail(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        body: UpstreamRequestBody,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
         let started = Instant::now();
         match self.upstream.send(method, path, headers, body).await {
             Ok(response) => {
                 m::upstream_latency(started.elapsed());
-                response.map(forward::streaming)
+                Ok(response.map(forward::streaming))
             }
             Err(error) => {
                 tracing::warn!(%error, "upstream request failed");
-                error.to_response()
+                Err(error)
             }
         }
     }

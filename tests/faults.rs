@@ -871,3 +871,65 @@ async fn a_client_that_stops_sending_its_body_is_answered_after_the_receive_time
     assert_answers_as_direct(&proxy, &SERVER.url(), &[query()]).await;
     assert_healthy(&proxy);
 }
+
+/// A relay to the server that holds, unanswered, every connection once a request on it reads the
+/// preaggregate table (a rewritten query); all else passes both ways.
+async fn hang_rewritten(target: SocketAddr) -> (u16, tokio::task::JoinHandle<()>) {
+    const MARKER: &[u8] = b"experiment_exposures_preaggregated";
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(upstream) = TcpStream::connect(target).await else { return };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut upstream_read, mut upstream_write) = upstream.into_split();
+                let answers = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut upstream_read, &mut client_write).await;
+                });
+                // What was seen lately, so that a marker split between two reads is found.
+                let mut seen: Vec<u8> = Vec::new();
+                let mut buffer = [0u8; 16 * 1024];
+                let mut holding = false;
+                while let Ok(n) = client_read.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&buffer[..n]);
+                    holding |= seen.windows(MARKER.len()).any(|w| w == MARKER);
+                    seen.drain(..seen.len().saturating_sub(MARKER.len()));
+                    if !holding && upstream_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                answers.abort();
+            });
+        }
+    });
+    (port, task)
+}
+
+/// A rewritten query that gets no answer within `upstream_timeout` is answered 504 then, and the
+/// original is not sent after it (which would make the client wait twice as long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_query_that_times_out_is_not_sent_again_as_the_original() {
+    let _serial = SERIAL.lock().await;
+    let (port, relay) = hang_rewritten(server_addr()).await;
+    let proxy = ProxyProcess::start(
+        &format!("http://127.0.0.1:{port}"),
+        &[("upstream_timeout", "2s"), ("clickhouse_url", &SERVER.url()), ("build", "wait")],
+    );
+    proxy.wait_engine_ready();
+    // Built on the first ask (straight to the server), then rewritten, and the relay holds it.
+    let started = Instant::now();
+    let answer = try_run(&proxy.url(), &query()).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(answer.status, 504, "{answer:?}");
+    assert_eq!(answer.preagg, "passthrough reason=rewritten_query_failed");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "answered after {took:?}");
+    // The original still flows through the same relay.
+    let plain = try_run(&proxy.url(), PASSTHROUGH[0]).await.unwrap();
+    assert_eq!(plain.status, 200, "{plain:?}");
+    relay.abort();
+    assert_healthy(&proxy);
+}
