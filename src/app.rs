@@ -2,7 +2,7 @@
 //! background so the proxy serves pass-through from its first second), and the listeners.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -191,26 +191,24 @@ impl Reloader {
                 tracing::warn!("turning TLS on the client listener on or off takes effect after a restart");
             }
         }
-        // Checked under the pending lock, as `connect_engine` sets the engine: either the engine is
-        // here now, or the reload is left where `connect_engine` will find it.
-        let engine = {
-            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            let engine = self.engine.get().cloned();
-            if engine.is_none() {
-                *pending = Some((config.clone(), rules.clone()));
+        // Under the pending lock, which `connect_engine` holds from publishing the engine until
+        // it has applied what was left there: either the engine is here and this reload applies
+        // after any earlier one, or it is left for `connect_engine` to find.
+        let mut pending = self.pending.lock().await;
+        match self.engine.get() {
+            Some(engine) => {
+                let certificate = if self.listen_tls.is_some() && config.listen_tls.is_some() {
+                    "; the listener's new certificate is in use already"
+                } else {
+                    ""
+                };
+                apply_reload(engine, &config, rules)
+                    .await
+                    .with_context(|| format!("rules and settings not reloaded{certificate}"))?;
             }
-            engine
-        };
-        if let Some(engine) = engine {
-            let certificate = if self.listen_tls.is_some() && config.listen_tls.is_some() {
-                "; the listener's new certificate is in use already"
-            } else {
-                ""
-            };
-            apply_reload(&engine, &config, rules)
-                .await
-                .with_context(|| format!("rules and settings not reloaded{certificate}"))?;
+            None => *pending = Some((config.clone(), rules)),
         }
+        drop(pending);
         self.proxy.reload(&config);
         self.shadow.set_sample_rate(config.shadow_sample_rate);
         self.source.log.reload(log_filter)?;
@@ -264,10 +262,8 @@ const RESTART_KEYS: &[&str] = &[
     "admin_token",
 ];
 
-/// Connects the job store and ClickHouse, creates the tables, and publishes the engine; retries
-/// until it succeeds. Until then queries pass through with `store_unavailable`.
 /// A reload that came before the engine was connected: its configuration and rules.
-type PendingReload = Arc<Mutex<Option<(Config, Vec<Arc<Rule>>)>>>;
+type PendingReload = Arc<tokio::sync::Mutex<Option<(Config, Vec<Arc<Rule>>)>>>;
 
 /// Gives a running engine the reloadable part of a new configuration and its rules.
 async fn apply_reload(engine: &Engine, config: &Config, rules: Vec<Arc<Rule>>) -> anyhow::Result<()> {
@@ -276,19 +272,19 @@ async fn apply_reload(engine: &Engine, config: &Config, rules: Vec<Arc<Rule>>) -
     Ok(())
 }
 
+/// Connects the job store and ClickHouse, creates the tables, and publishes the engine; retries
+/// until it succeeds. Until then queries pass through with `store_unavailable`.
 async fn connect_engine(config: Config, rules: Vec<Arc<Rule>>, slot: EngineSlot, pending: PendingReload) {
     let mut delay = Duration::from_millis(500);
     loop {
         match build_engine(&config, rules.clone()).await {
             Ok(engine) => {
-                let reload = {
-                    let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
-                    let _ = slot.set(Arc::clone(&engine));
-                    pending.take()
-                };
+                // The engine was made from the configuration at start; a reload since then applies
+                // now, before any later one (which waits for the lock).
+                let mut pending = pending.lock().await;
+                let _ = slot.set(Arc::clone(&engine));
                 tracing::info!("engine ready: job store connected, tables present");
-                // The engine was made from the configuration at start; a reload since then applies now.
-                if let Some((config, rules)) = reload
+                if let Some((config, rules)) = pending.take()
                     && let Err(error) = apply_reload(&engine, &config, rules).await
                 {
                     tracing::error!(error = %format!("{error:#}"), "applying the reload that came before the engine was ready");

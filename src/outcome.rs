@@ -85,7 +85,8 @@ pub enum Reason {
     BuildQueueFull,
     /// The column types of the body could not be learned from ClickHouse.
     DescribeFailed,
-    /// The rewritten query failed upstream; the original was sent instead.
+    /// The rewritten query failed upstream; the original was sent instead (unless the rewritten
+    /// one timed out: then the client gets that 504).
     RewrittenQueryFailed,
     /// `jobs_per_user` is on and the request authenticates in a way the proxy cannot read (an
     /// `Authorization` scheme other than Basic, a client certificate): its preaggregates could not

@@ -5,7 +5,8 @@
 //!    ClickHouse does (`query` parameter, line feed, decoded body);
 //! 3. **decide**: ask the engine whether the text can be served from preaggregates;
 //! 4. **forward**: send the original bytes, or the rewritten text, to the upstream; a rewritten
-//!    query that fails there is retried as the original;
+//!    query that fails there is retried as the original (unless it timed out: the client has
+//!    waited `upstream_timeout` already);
 //! 5. **respond**: stream the upstream's answer back unchanged, plus `X-Preagg`.
 //!
 //! Every failure before forwarding becomes a pass-through with a reason code, except a request

@@ -65,7 +65,8 @@ async fn jobs_per_user_keeps_preaggregates_apart() {
     let server = ChServer::start();
     server.generate(&["--events", "30000", "--seed", "5", "--start", "2026-10-01", "--days", "10"]);
     let sql = exposures_query("'test-experiment'");
-    for (per_user, expected_hashes) in [("true", 2), ("false", 1)] {
+    // Alice twice, the second time with a role: with jobs_per_user, roles keep jobs apart too.
+    for (per_user, expected_hashes) in [("true", 3), ("false", 1)] {
         let database = format!("per_user_{per_user}");
         exec(&server.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
         let proxy = ProxyProcess::start(
@@ -73,9 +74,9 @@ async fn jobs_per_user_keeps_preaggregates_apart() {
             &[("build", "wait"), ("jobs_per_user", per_user), ("preagg_database", &database)],
         );
         proxy.wait_engine_ready();
-        for user in ["alice", "bob"] {
+        for (user, role) in [("alice", ""), ("bob", ""), ("alice", "&role=analyst")] {
             let response = client()
-                .post(format!("{}/?default_format=TSV", proxy.url()))
+                .post(format!("{}/?default_format=TSV{role}", proxy.url()))
                 .header("X-ClickHouse-User", user)
                 .body(sql.clone())
                 .send()

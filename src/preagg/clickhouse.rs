@@ -150,7 +150,9 @@ impl ClickHouse {
     fn query(&self, sql: &str, context: &StatementContext) -> clickhouse::query::Query {
         let mut query = match &context.credentials {
             Some(credentials) => {
-                self.client.clone().with_user(&credentials.user).with_password(credentials.password()).query_raw(sql)
+                let client = self.client.clone().with_user(&credentials.user).with_password(credentials.password());
+                let client = if credentials.roles.is_empty() { client } else { client.with_roles(&credentials.roles) };
+                client.query_raw(sql)
             }
             None => self.client.query_raw(sql),
         };

@@ -49,12 +49,15 @@ pub struct QueryContext {
     pub credentials: Option<Credentials>,
 }
 
-/// A ClickHouse user and password, as a request gives them. The password is never shown.
+/// A ClickHouse user and password, and the roles it asks for, as a request gives them. The
+/// password is never shown.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// The user.
     pub user: String,
     password: String,
+    /// The `role` parameters, in order (none: the user's default roles).
+    pub roles: Vec<String>,
 }
 
 impl Credentials {
@@ -64,17 +67,18 @@ impl Credentials {
     }
 
     /// The credentials of a request, read as ClickHouse's HTTP handler reads them: the
-    /// `X-ClickHouse-User`/`X-ClickHouse-Key` headers when any `X-ClickHouse-` credential header is
-    /// set, else a Basic `Authorization` header, else the first `user` (default `default`) and
-    /// `password` parameters.
+    /// `X-ClickHouse-User`/`X-ClickHouse-Key` headers when either is set, else a Basic
+    /// `Authorization` header, else the first `user` (default `default`) and `password`
+    /// parameters; and every `role` parameter.
     fn from_request(params: &UrlParams, headers: &HeaderMap) -> Option<Credentials> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
         if header("x-clickhouse-ssl-certificate-auth") == "on" {
             return None;
         }
+        let roles: Vec<String> = params.pairs().filter(|(name, _)| name == "role").map(|(_, role)| role).collect();
         let (user, key) = (header("x-clickhouse-user"), header("x-clickhouse-key"));
-        if !user.is_empty() || !key.is_empty() || !header("x-clickhouse-quota").is_empty() {
-            return Some(Credentials { user: user.to_string(), password: key.to_string() });
+        if !user.is_empty() || !key.is_empty() {
+            return Some(Credentials { user: user.to_string(), password: key.to_string(), roles });
         }
         if headers.contains_key(http::header::AUTHORIZATION) {
             // The scheme is compared as ClickHouse does: case-insensitively.
@@ -85,18 +89,23 @@ impl Credentials {
             let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
             let text = String::from_utf8(decoded).ok()?;
             let (user, password) = text.split_once(':').unwrap_or((&text, ""));
-            return Some(Credentials { user: user.to_string(), password: password.to_string() });
+            return Some(Credentials { user: user.to_string(), password: password.to_string(), roles });
         }
         Some(Credentials {
             user: params.get("user").unwrap_or_else(|| "default".to_string()),
             password: params.get("password").unwrap_or_default(),
+            roles,
         })
     }
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("user", &self.user).field("password", &"***").finish()
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .field("roles", &self.roles)
+            .finish()
     }
 }
 
@@ -421,14 +430,12 @@ impl Engine {
     }
 
     fn sql_context(&self, context: &QueryContext) -> sql::Context {
+        let per_user = context.credentials.as_ref().filter(|_| self.settings().jobs_per_user);
         sql::Context {
             url_settings: context.url_settings.clone(),
             database: context.database.clone(),
-            user: if self.settings().jobs_per_user {
-                context.credentials.as_ref().map(|c| c.user.clone())
-            } else {
-                None
-            },
+            user: per_user.map(|c| c.user.clone()),
+            roles: per_user.map(|c| c.roles.clone()).unwrap_or_default(),
             preagg_database: self.clickhouse.layout().database.clone(),
         }
     }
@@ -997,6 +1004,10 @@ mod tests {
         assert_eq!(user("/", &[("x-clickhouse-user", "v"), ("authorization", "Basic djpw")]).as_deref(), Some("v"));
         assert_eq!(user("/", &[("authorization", "Bearer dTpw")]), None);
         assert_eq!(user("/", &[("x-clickhouse-ssl-certificate-auth", "on"), ("x-clickhouse-user", "v")]), None);
+        // A quota key alone is not a login: the Basic user stands.
+        assert_eq!(user("/", &[("x-clickhouse-quota", "k"), ("authorization", "Basic dTpw")]).as_deref(), Some("u"));
+        let roles = context("/?role=a&user=u&role=b", &[]).credentials.unwrap().roles;
+        assert_eq!(roles, ["a", "b"]);
         let shown = format!("{:?}", context("/?user=u&password=s3cret", &[]));
         assert!(shown.contains("\"u\"") && !shown.contains("s3cret"), "{shown}");
     }

@@ -24,6 +24,9 @@ pub struct HashContext {
     pub database: String,
     /// The ClickHouse user, when preaggregates are kept per user.
     pub user: Option<String>,
+    /// The roles the request sets, when preaggregates are kept per user (hashed only when some
+    /// are set, so that other hashes stay as they were).
+    pub roles: Vec<String>,
     /// Settings that may change results.
     pub settings: BTreeMap<String, String>,
     /// Where the preaggregates live: jobs built into one database are not served from another.
@@ -116,6 +119,9 @@ pub fn query_hash(rule: &Rule, shape: &str, context: &HashContext) -> String {
     field("version", &rule.version.to_string());
     field("database", &context.database);
     field("user", context.user.as_deref().unwrap_or(""));
+    for role in &context.roles {
+        field("role", role);
+    }
     field("preagg_database", &context.preagg_database);
     field("preagg_table", &rule.target.table);
     for (name, value) in &context.settings {

@@ -38,6 +38,8 @@ pub struct Context {
     pub database: String,
     /// The ClickHouse user, when preaggregates are kept per user.
     pub user: Option<String>,
+    /// The roles the request sets (`role` parameters), when preaggregates are kept per user.
+    pub roles: Vec<String>,
     /// The database holding the preaggregate tables (jobs are only shared within one).
     pub preagg_database: String,
 }
@@ -123,6 +125,7 @@ pub fn analyze_applicable(
     let hash_context = HashContext {
         database: context.database.clone(),
         user: context.user.clone(),
+        roles: context.roles.clone(),
         settings: settings::result_changing(&settings),
         preagg_database: context.preagg_database.clone(),
     };
