@@ -65,8 +65,9 @@ async fn jobs_per_user_keeps_preaggregates_apart() {
     let server = ChServer::start();
     server.generate(&["--events", "30000", "--seed", "5", "--start", "2026-10-01", "--days", "10"]);
     let sql = exposures_query("'test-experiment'");
-    // Alice twice, the second time with a role: with jobs_per_user, roles keep jobs apart too.
-    for (per_user, expected_hashes) in [("true", 3), ("false", 1)] {
+    // Alice twice, the second time with a role: with jobs_per_user, roles keep jobs apart too;
+    // and carol through a warm.
+    for (per_user, expected_hashes) in [("true", 4), ("false", 1)] {
         let database = format!("per_user_{per_user}");
         exec(&server.url(), &format!("CREATE DATABASE IF NOT EXISTS {database}"));
         let proxy = ProxyProcess::start(
@@ -85,6 +86,17 @@ async fn jobs_per_user_keeps_preaggregates_apart() {
             let preagg = response.headers()["x-preagg"].to_str().unwrap().to_string();
             assert!(preagg.starts_with("rewritten"), "{user}: {preagg}");
         }
+        if per_user == "true" {
+            // A warm names its user as a query does.
+            let response = client()
+                .post(format!("{}/admin/warm", proxy.admin_url()))
+                .header("X-ClickHouse-User", "carol")
+                .body(sql.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        }
         let jobs: serde_json::Value =
             client().get(format!("{}/admin/jobs", proxy.admin_url())).send().await.unwrap().json().await.unwrap();
         let hashes: std::collections::HashSet<&str> =
@@ -97,7 +109,7 @@ async fn jobs_per_user_keeps_preaggregates_apart() {
             .filter(|r| r["query"].as_str().is_some_and(|q| q.starts_with(&format!("INSERT INTO `{database}`"))))
             .map(|r| r["user"].as_str().unwrap_or("").to_string())
             .collect();
-        let expected: &[&str] = if per_user == "true" { &["alice", "bob"] } else { &["default"] };
+        let expected: &[&str] = if per_user == "true" { &["alice", "bob", "carol"] } else { &["default"] };
         assert_eq!(builders.iter().map(String::as_str).collect::<Vec<_>>(), expected, "jobs_per_user={per_user}");
         if per_user == "true" {
             // Credentials the proxy cannot read: nothing is built, the query goes as it came.
