@@ -60,6 +60,11 @@ async fn quoting_tricks_in_flag_keys_come_out_exactly() {
     assert_eq!(check.lines.last().map(String::as_str), Some("1"));
 }
 
+/// Posts `sql` to `url` with one credential header.
+async fn post_as(url: &str, (name, value): (&str, &str), sql: &str) -> reqwest::Response {
+    client().post(url).header(name, value).body(sql.to_string()).send().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_per_user_keeps_preaggregates_apart() {
     let server = ChServer::start();
@@ -76,25 +81,15 @@ async fn jobs_per_user_keeps_preaggregates_apart() {
         );
         proxy.wait_engine_ready();
         for (user, role) in [("alice", ""), ("bob", ""), ("alice", "&role=analyst")] {
-            let response = client()
-                .post(format!("{}/?default_format=TSV{role}", proxy.url()))
-                .header("X-ClickHouse-User", user)
-                .body(sql.clone())
-                .send()
-                .await
-                .unwrap();
+            let url = format!("{}/?default_format=TSV{role}", proxy.url());
+            let response = post_as(&url, ("X-ClickHouse-User", user), &sql).await;
             let preagg = response.headers()["x-preagg"].to_str().unwrap().to_string();
             assert!(preagg.starts_with("rewritten"), "{user}: {preagg}");
         }
         if per_user == "true" {
             // A warm names its user as a query does.
-            let response = client()
-                .post(format!("{}/admin/warm", proxy.admin_url()))
-                .header("X-ClickHouse-User", "carol")
-                .body(sql.clone())
-                .send()
-                .await
-                .unwrap();
+            let url = format!("{}/admin/warm", proxy.admin_url());
+            let response = post_as(&url, ("X-ClickHouse-User", "carol"), &sql).await;
             assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
         }
         let jobs: serde_json::Value =
@@ -113,13 +108,8 @@ async fn jobs_per_user_keeps_preaggregates_apart() {
         assert_eq!(builders.iter().map(String::as_str).collect::<Vec<_>>(), expected, "jobs_per_user={per_user}");
         if per_user == "true" {
             // Credentials the proxy cannot read: nothing is built, the query goes as it came.
-            let response = client()
-                .post(format!("{}/?default_format=TSV", proxy.url()))
-                .header("Authorization", "Negotiate dG9rZW4=")
-                .body(sql.clone())
-                .send()
-                .await
-                .unwrap();
+            let url = format!("{}/?default_format=TSV", proxy.url());
+            let response = post_as(&url, ("Authorization", "Negotiate dG9rZW4="), &sql).await;
             assert_eq!(response.headers()["x-preagg"], "passthrough reason=unknown_credentials");
         }
     }
