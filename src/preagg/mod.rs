@@ -68,8 +68,9 @@ impl Credentials {
 
     /// The credentials of a request, read as ClickHouse's HTTP handler reads them: the
     /// `X-ClickHouse-User`/`X-ClickHouse-Key` headers when either is set, else a Basic
-    /// `Authorization` header, else the first `user` (default `default`) and `password`
-    /// parameters; and every `role` parameter.
+    /// `Authorization` header unless `user` or `password` parameters are given (they win over it
+    /// in current ClickHouse; older releases refuse the mix) or it says `never`, else the first
+    /// `user` (default `default`) and `password` parameters; and every `role` parameter.
     fn from_request(params: &UrlParams, headers: &HeaderMap) -> Option<Credentials> {
         let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
         if header("x-clickhouse-ssl-certificate-auth") == "on" {
@@ -80,7 +81,8 @@ impl Credentials {
         if !user.is_empty() || !key.is_empty() {
             return Some(Credentials { user: user.to_string(), password: key.to_string(), roles });
         }
-        if headers.contains_key(http::header::AUTHORIZATION) {
+        let in_params = params.get("user").is_some() || params.get("password").is_some();
+        if headers.contains_key(http::header::AUTHORIZATION) && header("authorization") != "never" && !in_params {
             // The scheme is compared as ClickHouse does: case-insensitively.
             let (scheme, encoded) = header("authorization").split_once(' ')?;
             if !scheme.eq_ignore_ascii_case("basic") {
@@ -1004,6 +1006,8 @@ mod tests {
         assert_eq!(user("/", &[("x-clickhouse-user", "v"), ("authorization", "Basic djpw")]).as_deref(), Some("v"));
         assert_eq!(user("/", &[("authorization", "Bearer dTpw")]), None);
         assert_eq!(user("/", &[("x-clickhouse-ssl-certificate-auth", "on"), ("x-clickhouse-user", "v")]), None);
+        assert_eq!(user("/?user=w", &[("authorization", "Basic dTpw")]).as_deref(), Some("w"));
+        assert_eq!(user("/", &[("authorization", "never")]).as_deref(), Some("default"));
         // A quota key alone is not a login: the Basic user stands.
         assert_eq!(user("/", &[("x-clickhouse-quota", "k"), ("authorization", "Basic dTpw")]).as_deref(), Some("u"));
         let roles = context("/?role=a&user=u&role=b", &[]).credentials.unwrap().roles;
