@@ -10,7 +10,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::equivalence::{Answer, Form, edge_rows, exec, forms, run, same_rows, shift, until_rewritten};
+use common::equivalence::{
+    Answer, Form, answer, edge_rows, exec, forms, run, same_rows, shift, until_rewritten, until_rewritten_by,
+};
 use common::{ChServer, ProxyProcess, client};
 
 const TEAM: i64 = 99999;
@@ -114,14 +116,7 @@ async fn send(base: &str, path_and_query: &str, headers: &[(&str, &str)], sql: &
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let response = request.body(sql.to_string()).send().await.expect("query");
-    let status = response.status().as_u16();
-    let preagg = response.headers().get("x-preagg").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let mut lines: Vec<String> = response.text().await.unwrap().lines().map(str::to_string).collect();
-    if lines.len() > 2 {
-        lines[2..].sort();
-    }
-    Answer { status, preagg, lines }
+    answer(request.body(sql.to_string()).send().await.expect("query")).await.unwrap()
 }
 
 /// Sends the same request direct and through the proxy until the proxy rewrites it; both must
@@ -130,15 +125,8 @@ async fn same_when_rewritten(server: &ChServer, proxy: &ProxyProcess, path: &str
     let shown = &path[..path.len().min(80)];
     let direct = send(&server.url(), path, headers, sql).await;
     assert_eq!(direct.status, 200, "{shown}: direct failed: {:?}", direct.lines);
-    let started = std::time::Instant::now();
-    let proxied = loop {
-        let answer = send(&proxy.url(), path, headers, sql).await;
-        if answer.preagg.starts_with("rewritten") {
-            break answer;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "{shown} {headers:?}: not rewritten: {}", answer.preagg);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let url = proxy.url();
+    let proxied = until_rewritten_by(Duration::from_secs(60), || send(&url, path, headers, sql)).await;
     if let Err(e) = same_rows(&direct, &proxied) {
         panic!("{shown} {headers:?}: {e}");
     }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use common::equivalence::{Answer, exec, forms, run, same_rows, until_rewritten};
+use common::equivalence::{Answer, answer, exec, forms, run, same_rows, until_rewritten};
 use common::relay::{Mode, Relay};
 use common::{ChServer, ProxyProcess, client, metric, python, read_until, root, wait_for, wait_until};
 use futures_util::StreamExt;
@@ -59,14 +59,7 @@ async fn try_run(base: &str, sql: &str) -> Result<Answer, String> {
         .send()
         .await
         .map_err(|e| format!("request: {e}"))?;
-    let status = response.status().as_u16();
-    let preagg = response.headers().get("x-preagg").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let text = response.text().await.map_err(|e| format!("body: {e}"))?;
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    if lines.len() > 2 {
-        lines[2..].sort();
-    }
-    Ok(Answer { status, preagg, lines })
+    answer(response).await.map_err(|e| format!("body: {e}"))
 }
 
 /// Whether a process is running (not gone, not a zombie).

@@ -81,10 +81,13 @@ impl Credentials {
         if !user.is_empty() || !key.is_empty() {
             return Some(Credentials { user: user.to_string(), password: key.to_string(), roles });
         }
-        let in_params = params.get("user").is_some() || params.get("password").is_some();
-        if headers.contains_key(http::header::AUTHORIZATION) && header("authorization") != "never" && !in_params {
+        let (param_user, param_password) = (params.get("user"), params.get("password"));
+        let authorization = headers.get(http::header::AUTHORIZATION).map(|_| header("authorization"));
+        if let Some(authorization) =
+            authorization.filter(|a| *a != "never" && param_user.is_none() && param_password.is_none())
+        {
             // The scheme is compared as ClickHouse does: case-insensitively.
-            let (scheme, encoded) = header("authorization").split_once(' ')?;
+            let (scheme, encoded) = authorization.split_once(' ')?;
             if !scheme.eq_ignore_ascii_case("basic") {
                 return None;
             }
@@ -94,8 +97,8 @@ impl Credentials {
             return Some(Credentials { user: user.to_string(), password: password.to_string(), roles });
         }
         Some(Credentials {
-            user: params.get("user").unwrap_or_else(|| "default".to_string()),
-            password: params.get("password").unwrap_or_default(),
+            user: param_user.unwrap_or_else(|| "default".to_string()),
+            password: param_password.unwrap_or_default(),
             roles,
         })
     }
@@ -431,8 +434,14 @@ impl Engine {
         Ok(())
     }
 
+    /// The credentials a query's builds run as, and its user and roles join its hash with:
+    /// the request's, with `jobs_per_user`; none (the proxy's own user, shared jobs) without.
+    fn per_user<'a>(&self, context: &'a QueryContext) -> Option<&'a Credentials> {
+        context.credentials.as_ref().filter(|_| self.settings().jobs_per_user)
+    }
+
     fn sql_context(&self, context: &QueryContext) -> sql::Context {
-        let per_user = context.credentials.as_ref().filter(|_| self.settings().jobs_per_user);
+        let per_user = self.per_user(context);
         sql::Context {
             url_settings: context.url_settings.clone(),
             database: context.database.clone(),
@@ -728,7 +737,7 @@ impl Engine {
         StatementContext {
             database: context.database.clone(),
             settings: settings::for_builds(&analysis.settings),
-            credentials: if self.settings().jobs_per_user { context.credentials.clone() } else { None },
+            credentials: self.per_user(context).cloned(),
         }
     }
 

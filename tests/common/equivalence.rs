@@ -162,14 +162,19 @@ pub async fn run(base: &str, sql: &str) -> Answer {
         .send()
         .await
         .expect("query");
+    answer(response).await.unwrap()
+}
+
+/// A response as an [`Answer`]; an error when its body breaks off.
+pub async fn answer(response: reqwest::Response) -> Result<Answer, reqwest::Error> {
     let status = response.status().as_u16();
     let preagg = response.headers().get("x-preagg").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-    let text = response.text().await.unwrap();
+    let text = response.text().await?;
     let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
     if lines.len() > 2 {
         lines[2..].sort();
     }
-    Answer { status, preagg, lines }
+    Ok(Answer { status, preagg, lines })
 }
 
 /// Whether two TSV answers are equal, floats compared with a relative tolerance (sums of floats
@@ -207,9 +212,14 @@ pub fn same_rows(a: &Answer, b: &Answer) -> Result<(), String> {
 
 /// Polls the proxy until `sql` is rewritten (its builds are done), or panics.
 pub async fn until_rewritten(proxy: &str, sql: &str, timeout: Duration) -> Answer {
+    until_rewritten_by(timeout, || run(proxy, sql)).await
+}
+
+/// Asks with `ask` until the answer is rewritten, or panics after `timeout`.
+pub async fn until_rewritten_by<F: Future<Output = Answer>>(timeout: Duration, mut ask: impl FnMut() -> F) -> Answer {
     let started = std::time::Instant::now();
     loop {
-        let answer = run(proxy, sql).await;
+        let answer = ask().await;
         if answer.preagg.starts_with("rewritten") {
             return answer;
         }
