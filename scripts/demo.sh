@@ -4,8 +4,12 @@
 #   2. starts the chdb-backed ClickHouse on 127.0.0.1:8123 with generated PostHog data;
 #   3. starts preagg-proxy on its defaults (127.0.0.1:8124, admin 127.0.0.1:8125, SQLite job store);
 #   4. sends the same experiment query direct, then through the proxy cold and warm, and shows the
-#      answers, the timings and the X-Preagg lines.
-# DEMO_EVENTS (default 2000000) sets the data size. Everything lives in .work/demo.
+#      answers, the timings and the X-Preagg lines;
+#   5. prints how long each step took.
+# DEMO_EVENTS (default 2000000) sets the data size. DEMO_KEEP=1 keeps ClickHouse and the proxy up
+# at the end, with the status page on http://127.0.0.1:8125/admin, until Ctrl-C.
+# Everything lives in .work/demo. On 2 cores the first run takes about 11 minutes, most of it the
+# release build (fat LTO, one codegen unit); later runs reuse the build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo=$(pwd)
@@ -13,15 +17,34 @@ events=${DEMO_EVENTS:-2000000}
 work="$repo/.work/demo"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+# Steps and how long each took, printed as they end and again at the end.
+step_names=()
+step_seconds=()
+step_title=""
+step_started=$SECONDS
+minutes() { if (($1 >= 60)); then printf '%d min %02d s' $(($1 / 60)) $(($1 % 60)); else printf '%d s' "$1"; fi; }
+end_step() {
+    [ -n "$step_title" ] || return 0
+    local took=$((SECONDS - step_started))
+    step_names+=("$step_title")
+    step_seconds+=("$took")
+    printf '   (took %s)\n' "$(minutes "$took")"
+    step_title=""
+}
+step() { end_step; step_title=$1; step_started=$SECONDS; say "$1"; }
 free_port() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 for port in 8123 8124 8125; do
     free_port "$port" || { echo "demo: port $port is in use; stop what listens there first" >&2; exit 1; }
 done
 
-say "Installing the Python environment and building preagg-proxy (release)"
-python=$(scripts/python-env.sh)
-cargo build --release --locked --quiet
+step "Installing the Python environment (.venv; the first time downloads chdb-core, about 180 MB)"
+python=$(scripts/python-env.sh -v)
+
+step "Building preagg-proxy (release)"
+echo "The first build takes about 10 minutes on 2 cores (fat LTO); later runs reuse it."
+cargo build --release --locked
 proxy_bin="$repo/target/release/preagg-proxy"
 
 rm -rf "$work" && mkdir -p "$work" && ln -s "$repo/rules" "$work/rules"
@@ -29,18 +52,18 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-say "Starting the chdb-backed ClickHouse on 127.0.0.1:8123"
+step "Starting the chdb-backed ClickHouse on 127.0.0.1:8123"
 "$python" tests/chdb_server/server.py --data-dir "$work/clickhouse" --port 8123 --port-file "$work/clickhouse.port" \
     >"$work/clickhouse.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do [ -s "$work/clickhouse.port" ] && break; sleep 0.1; done
 [ -s "$work/clickhouse.port" ] || { cat "$work/clickhouse.log" >&2; exit 1; }
 
-say "Generating $events PostHog events (28 days from 2026-10-01, seed 42)"
+step "Generating $events PostHog events (28 days from 2026-10-01, seed 42)"
 "$python" tests/data/generate.py --url http://127.0.0.1:8123 --events "$events" --seed 42 --start 2026-10-01 --days 28 \
     | "$python" -c 'import json,sys; s=json.loads(sys.stdin.read().strip().splitlines()[-1]); print("rows:", s["rows"], "in", s["elapsed_seconds"]["total"], "s")'
 
-say "Starting preagg-proxy on its defaults (listen 127.0.0.1:8124, upstream 127.0.0.1:8123, SQLite store)"
+step "Starting preagg-proxy on its defaults (listen 127.0.0.1:8124, upstream 127.0.0.1:8123, SQLite store)"
 (cd "$work" && exec "$proxy_bin" serve) >"$work/proxy.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:8125/readyz >/dev/null && break; sleep 0.1; done
@@ -54,7 +77,7 @@ run() { # run LABEL URL
     cp "$body" "$work/answer-$(echo "$1" | tr ' ' '-')"
 }
 
-say "The experiment query (scripts/demo/experiment.sql)"
+step "The experiment query (scripts/demo/experiment.sql)"
 run "direct to ClickHouse" http://127.0.0.1:8123
 cat "$work/answer-direct-to-ClickHouse"
 run "proxy, cold" http://127.0.0.1:8124
@@ -71,7 +94,27 @@ else
     exit 1
 fi
 
-say "What the proxy did"
+step "What the proxy did"
+# `--rules` is the `rules` configuration key as a flag: explain takes --config and every key's flag.
 "$proxy_bin" explain --rules "$repo/rules" "$query" | sed -n '1,8p'
-jobs=$(curl -s http://127.0.0.1:8125/admin/jobs | "$python" -c 'import json,sys; j=json.load(sys.stdin)["jobs"]; print(len(j), "jobs,", sum(x["rows_written"] or 0 for x in j), "preaggregated rows")')
-echo "$jobs (status page: http://127.0.0.1:8125/admin while the demo runs)"
+curl -s http://127.0.0.1:8125/admin/jobs | "$python" -c 'import json,sys; j=json.load(sys.stdin)["jobs"]; print(len(j), "jobs,", sum(x["rows_written"] or 0 for x in j), "preaggregated rows")'
+end_step
+
+say "How long each step took"
+for i in "${!step_names[@]}"; do
+    printf '  %10s  %s\n' "$(minutes "${step_seconds[$i]}")" "${step_names[$i]}"
+done
+printf '  %10s  %s\n' "$(minutes "$SECONDS")" "in all"
+
+if [ "${DEMO_KEEP:-0}" = 1 ]; then
+    say "Keeping ClickHouse (127.0.0.1:8123) and preagg-proxy (127.0.0.1:8124) up; Ctrl-C stops both"
+    echo "status page: http://127.0.0.1:8125/admin   metrics: http://127.0.0.1:8125/metrics"
+    echo "logs: $work/proxy.log, $work/clickhouse.log"
+    # Ctrl-C ends the wait; the EXIT trap then stops both servers.
+    trap 'exit 0' INT TERM
+    wait
+else
+    echo
+    echo "Both servers stop now. DEMO_KEEP=1 scripts/demo.sh keeps them up, with the status page on"
+    echo "http://127.0.0.1:8125/admin."
+fi
