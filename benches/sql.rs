@@ -8,10 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use preagg_proxy::preagg::plan::{self, ReadyJob};
-use preagg_proxy::rules::{self, Rule};
+use preagg_proxy::preagg::plan;
+use preagg_proxy::rules;
 use preagg_proxy::sql::rewrite::{self, Target};
+use preagg_proxy::sql::rule::Rule;
 use preagg_proxy::sql::splice::{self, Edit};
+use preagg_proxy::sql::window::ReadyJob;
 use preagg_proxy::sql::{self, Context};
 
 fn corpus() -> Vec<(String, String)> {

@@ -13,16 +13,19 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
 use crate::admin::Admin;
-use crate::config::{Config, LogFormat, Mode, SettingsArgs};
-use crate::http::log_lines;
-use crate::http::server::{self, ListenerSettings, Workers};
+use crate::config::{Config, Mode, SettingsArgs};
+use crate::http::listener::{self, ListenerSettings, Workers};
 use crate::http::tls_listener::ListenerTls;
+use crate::log_lines;
+use crate::log_lines::LogFormat;
 use crate::preagg::Engine;
-use crate::preagg::clickhouse::ClickHouse;
+use crate::preagg::EngineSlot;
+use crate::preagg::statements::ClickHouse;
 use crate::preagg::store::Store;
-use crate::proxy::{EngineSlot, Proxy};
-use crate::rules::{self, Rule};
+use crate::proxy::Proxy;
+use crate::rules;
 use crate::shadow::Shadow;
+use crate::sql::rule::Rule;
 
 /// Changes the log filter of a running process.
 pub type LogFilterHandle = reload::Handle<EnvFilter, Registry>;
@@ -65,7 +68,7 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     for line in config.redacted_lines() {
         tracing::info!(target: "preagg_proxy::config", "{line}");
     }
-    let https = |endpoint: &crate::config::Endpoint| endpoint.uri.scheme_str() == Some("https");
+    let https = |endpoint: &crate::http::pool::Endpoint| endpoint.uri.scheme_str() == Some("https");
     if let Some(file) = config.tls.ca_file()
         && !https(&config.upstream)
         && !https(&config.clickhouse_url)
@@ -123,7 +126,7 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         settings.clone(),
     )
     .context("starting the worker threads")?;
-    let admin_task = tokio::spawn(server::serve(
+    let admin_task = tokio::spawn(listener::serve(
         admin_listener,
         move |request, _| Arc::clone(&admin).handle(request),
         shutdown.clone(),
@@ -132,7 +135,7 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     // The accept loop ends before a signal only when it cannot be set up.
     let accepted = tokio::select! {
         accepted = workers.accept(listener, &shutdown) => accepted,
-        () = server::termination_signal() => Ok(()),
+        () = listener::termination_signal() => Ok(()),
     };
     match &accepted {
         Ok(()) => tracing::info!("shutdown requested"),

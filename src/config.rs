@@ -14,8 +14,11 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, Args, Command, FromArgMatches};
 
+use crate::http::pool::Endpoint;
 use crate::http::tls::{ClientTls, TlsError};
 use crate::http::tls_listener::ListenerCert;
+use crate::log_lines::LogFormat;
+pub use crate::sql::rule::Mode;
 
 /// One configuration key: its name, default and documentation.
 #[derive(Debug, Clone, Copy)]
@@ -263,29 +266,9 @@ impl Args for SettingsArgs {
     }
 }
 
-/// How the proxy treats experiment queries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Serve matched subqueries from preaggregated windows.
-    Rewrite,
-    /// Answer with the original; compare the rewrite in the background.
-    Shadow,
-    /// Never rewrite; plain pass-through.
-    Off,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
 /// When a query whose windows are missing gets its answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BuildPolicy {
     /// Answer with the original at once; build in the background.
     Background,
@@ -307,28 +290,6 @@ impl ExpiryBands {
     /// Lifetime of a job whose window ended `age` before it was built.
     pub fn lifetime(&self, age: Duration) -> Duration {
         self.bands.iter().find(|(limit, _)| age <= *limit).map(|(_, life)| *life).unwrap_or(self.otherwise)
-    }
-}
-
-/// The upstream or ClickHouse endpoint: scheme, authority and base path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// Parsed URI; the path is a prefix for forwarded paths.
-    pub uri: http::Uri,
-}
-
-impl Endpoint {
-    /// The URL without any user:password part, for logs.
-    pub fn redacted(&self) -> String {
-        let scheme = self.uri.scheme_str().unwrap_or("http");
-        let host = self.uri.host().unwrap_or("");
-        let port = self.uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
-        format!("{scheme}://{host}{port}{}", self.uri.path())
-    }
-
-    /// The URL as the `clickhouse` crate expects it (no userinfo, no trailing slash).
-    pub fn base_url(&self) -> String {
-        self.redacted().trim_end_matches('/').to_string()
     }
 }
 
@@ -532,8 +493,8 @@ impl Config {
             store: m.parse("store", parse_store)?,
             store_timeout: m.parse("store_timeout", parse_duration)?,
             rules: m.parse("rules", |s| Ok(PathBuf::from(s)))?,
-            mode: m.parse("mode", parse_mode)?,
-            log_format: m.parse("log_format", parse_log_format)?,
+            mode: m.parse("mode", parse_enum)?,
+            log_format: m.parse("log_format", parse_enum)?,
             log_filter: m.parse("log_filter", |s| Ok(s.to_string()))?,
             max_body_bytes: m.parse("max_body_bytes", parse_positive)?,
             connect_timeout: m.parse("connect_timeout", parse_duration)?,
@@ -551,7 +512,7 @@ impl Config {
             seal_after: m.parse("seal_after", parse_duration)?,
             expiry_buffer: m.parse("expiry_buffer", parse_duration)?,
             expiry_bands: m.parse("expiry_bands", parse_expiry_bands)?,
-            build: m.parse("build", parse_build_policy)?,
+            build: m.parse("build", parse_enum)?,
             build_wait_timeout: m.parse("build_wait_timeout", parse_duration)?,
             build_timeout: m.parse("build_timeout", parse_duration)?,
             lease_duration: m.parse("lease_duration", parse_duration)?,
@@ -695,36 +656,17 @@ fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
     Ok(Endpoint { uri })
 }
 
+/// A value of an enum-like key, by the names its `serde` derive gives its variants.
+fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    use serde::de::IntoDeserializer as _;
+    T::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| format!("`{s}`: {e}"))
+}
+
 fn parse_store(s: &str) -> Result<String, String> {
     if s.starts_with("sqlite:") || s.starts_with("postgres://") || s.starts_with("postgresql://") {
         Ok(s.to_string())
     } else {
         Err(format!("`{}` must be sqlite://PATH or postgres://...", redact_url_password(s)))
-    }
-}
-
-fn parse_mode(s: &str) -> Result<Mode, String> {
-    match s {
-        "rewrite" => Ok(Mode::Rewrite),
-        "shadow" => Ok(Mode::Shadow),
-        "off" => Ok(Mode::Off),
-        _ => Err(format!("`{s}` is not one of rewrite, shadow, off")),
-    }
-}
-
-fn parse_log_format(s: &str) -> Result<LogFormat, String> {
-    match s {
-        "text" => Ok(LogFormat::Text),
-        "json" => Ok(LogFormat::Json),
-        _ => Err(format!("`{s}` is not one of text, json")),
-    }
-}
-
-fn parse_build_policy(s: &str) -> Result<BuildPolicy, String> {
-    match s {
-        "background" => Ok(BuildPolicy::Background),
-        "wait" => Ok(BuildPolicy::Wait),
-        _ => Err(format!("`{s}` is not one of background, wait")),
     }
 }
 

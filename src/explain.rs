@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::outcome::Reason;
-use crate::preagg::plan::{self, Plan, ReadyJob};
-use crate::rules::Rule;
-use crate::sql::rewrite::{self, BuildWindow, Edge, RawRange, Target, Window};
+use crate::preagg::plan::{self, Plan};
+use crate::sql::rewrite::{self, BuildWindow, Target};
+use crate::sql::rule::Rule;
 use crate::sql::splice::{self, Edit};
+use crate::sql::window::{Edge, RawRange, ReadyJob, Window};
 use crate::sql::{self, Context, Found, quote};
 
 /// Inputs of an explanation.

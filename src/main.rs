@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use preagg_proxy::admin::JobView;
+use preagg_proxy::clickhouse_http::context::QueryContext;
 use preagg_proxy::config::{Config, SettingsArgs};
 use preagg_proxy::preagg::store::{JobFilter, Store};
 use preagg_proxy::{app, explain, preagg, sql};
@@ -233,7 +234,7 @@ fn run_warm(
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        let context = preagg::QueryContext { database, ..preagg::QueryContext::default() };
+        let context = QueryContext { database, ..QueryContext::default() };
         let mut failures = 0;
         for (name, text) in texts {
             bar.set_message(name.clone());

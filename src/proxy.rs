@@ -15,8 +15,8 @@
 //! 502/504 answers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -24,15 +24,18 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
+use crate::access_log::{AccessRecord, LoggedBody, RequestLog};
+use crate::clickhouse_http::answers::{error_response, upstream_failure};
+use crate::clickhouse_http::context::QueryContext;
+use crate::clickhouse_http::request::{self, QueryText, StatementKind, TextPart, UrlParams};
 use crate::config::{Config, Mode};
-use crate::http::access::{AccessRecord, LoggedBody, RequestLog};
-use crate::http::forward::{self, ProxyBody, Upstream, UpstreamError, UpstreamRequestBody, error_response};
-use crate::http::h1::RequestBody;
-use crate::http::h1_server::{ClientBody, ClientBodyError};
-use crate::http::request::{self, QueryText, StatementKind, TextPart, UrlParams};
+use crate::http::body::{self, ProxyBody};
+use crate::http::client::{self, RequestBody};
+use crate::http::pool::{Upstream, UpstreamError, UpstreamRequestBody};
+use crate::http::server::{ClientBody, ClientBodyError};
 use crate::metrics as m;
 use crate::outcome::{Outcome, Reason};
-use crate::preagg::{Decision, Deferred, Engine, QueryContext};
+use crate::preagg::{Decision, Deferred, Engine, EngineSlot};
 use crate::shadow::{Shadow, ShadowRequest};
 
 /// The response header that tells what the proxy did (see [`Outcome`]).
@@ -40,9 +43,6 @@ static X_PREAGG: HeaderName = HeaderName::from_static("x-preagg");
 
 /// Paths ClickHouse serves with static handlers; every other path runs queries.
 const STATIC_PATHS: &[&str] = &["/ping", "/replicas_status", "/play", "/dashboard", "/binary", "/merges"];
-
-/// The engine, once the job store is connected (queries pass through until then).
-pub type EngineSlot = Arc<OnceLock<Arc<Engine>>>;
 
 /// The proxy: one upstream, one engine. Each serving thread has its own copy
 /// ([`Proxy::for_worker`]): its own upstream connection pool, everything else shared.
@@ -122,7 +122,7 @@ impl Proxy {
         let mut deferred = Deferred::default();
         let (mut response, outcome) = self.route(parts, body, &mut log.record, &mut deferred).await;
         if let Some(value) = outcome.header() {
-            forward::set_header(&mut response, X_PREAGG.clone(), value);
+            client::set_header(&mut response, X_PREAGG.clone(), value);
         }
         log.record.status = response.status().as_u16();
         log.record.outcome = outcome.label();
@@ -245,8 +245,8 @@ impl Proxy {
     async fn forward(&self, parts: Parts, how: Forward, reason: Reason) -> (Response<ProxyBody>, Outcome) {
         let outcome = Outcome::Passthrough(reason);
         let body = match how {
-            Forward::Stream(body) => RequestBody::Stream(forward::streaming(body)),
-            Forward::Prefixed(prefix, rest) => RequestBody::Stream(forward::prefixed(prefix, rest)),
+            Forward::Stream(body) => RequestBody::Stream(body::streaming(body)),
+            Forward::Prefixed(prefix, rest) => RequestBody::Stream(body::prefixed(prefix, rest)),
             Forward::Original(raw) => RequestBody::Full(raw),
         };
         let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -286,9 +286,9 @@ impl Proxy {
             Ok(response) => response,
             Err(error @ UpstreamError::Timeout { .. }) => {
                 tracing::warn!(%error, "rewritten query timed out upstream; not sending the original after it");
-                return (error.to_response(), Some(Outcome::Passthrough(Reason::RewrittenQueryFailed)));
+                return (upstream_failure(&error), Some(Outcome::Passthrough(Reason::RewrittenQueryFailed)));
             }
-            Err(error) => error.to_response(),
+            Err(error) => upstream_failure(&error),
         };
         let status = response.status();
         let error = error_text(response).await;
@@ -309,7 +309,7 @@ impl Proxy {
         headers: HeaderMap,
         body: UpstreamRequestBody,
     ) -> Response<ProxyBody> {
-        self.send_or_fail(method, path, headers, body).await.unwrap_or_else(|error| error.to_response())
+        self.send_or_fail(method, path, headers, body).await.unwrap_or_else(|error| upstream_failure(&error))
     }
 
     /// Sends to the upstream; a transport failure is logged and returned.
@@ -324,7 +324,7 @@ impl Proxy {
         match self.upstream.send(method, path, headers, body).await {
             Ok(response) => {
                 m::upstream_latency(started.elapsed());
-                Ok(response.map(forward::streaming))
+                Ok(response.map(body::streaming))
             }
             Err(error) => {
                 tracing::warn!(%error, "upstream request failed");

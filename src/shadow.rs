@@ -17,13 +17,14 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use sqlparser::keywords::Keyword;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::clickhouse_http::request::UrlParams;
 use crate::config::Config;
-use crate::http::forward::{self, Upstream};
-use crate::http::h1::RequestBody;
-use crate::http::request::UrlParams;
+use crate::error::error_chain;
+use crate::http::client::RequestBody;
+use crate::http::pool::Upstream;
 use crate::metrics as m;
+use crate::preagg::EngineSlot;
 use crate::preagg::store::MismatchSample;
-use crate::proxy::EngineSlot;
 use crate::sql::locate::find_top_level;
 use crate::sql::splice::{self, Edit};
 use crate::sql::tokens::{Tokens, is_keyword};
@@ -350,7 +351,7 @@ impl Worker {
                 if e.is::<LengthLimitError>() {
                     format!("the answer is larger than {MAX_ANSWER_BYTES} bytes; not compared")
                 } else {
-                    format!("reading the answer: {}", forward::error_chain(e.as_ref()))
+                    format!("reading the answer: {}", error_chain(e.as_ref()))
                 }
             })?
             .to_bytes();

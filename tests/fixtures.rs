@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use preagg_proxy::explain::{self, Explanation};
 use preagg_proxy::outcome::Reason;
-use preagg_proxy::rules::{self, Rule};
+use preagg_proxy::rules;
 use preagg_proxy::sql::Context;
+use preagg_proxy::sql::rule::Rule;
 
 fn rules() -> Vec<Arc<Rule>> {
     rules::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules")).unwrap().into_iter().map(Arc::new).collect()

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use preagg_proxy::outcome::Reason;
-use preagg_proxy::rules::{self, Rule};
+use preagg_proxy::rules;
+use preagg_proxy::sql::rule::Rule;
 use preagg_proxy::sql::{self, Context};
 use proptest::prelude::*;
 

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use preagg_proxy::rules::{self, Rule};
+use preagg_proxy::rules;
+use preagg_proxy::sql::rule::Rule;
 use preagg_proxy::sql::tokens::Tokens;
 use preagg_proxy::sql::{self, Context};
 use proptest::prelude::*;

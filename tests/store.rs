@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use preagg_proxy::preagg::store::{Built, JobFilter, JobKey, MismatchSample, ShapeRecord, Status, Store};
-use preagg_proxy::sql::rewrite::Window;
+use preagg_proxy::sql::window::Window;
 
 const HOUR: i64 = 3_600_000_000;
 

@@ -16,14 +16,16 @@ use http_body_util::{BodyExt, Limited};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 
+use crate::clickhouse_http::context::QueryContext;
+use crate::clickhouse_http::request::UrlParams;
 use crate::config::{Config, Secret};
-use crate::http::forward::{self, ProxyBody, Upstream};
-use crate::http::h1::RequestBody;
-use crate::http::h1_server::ClientBody;
-use crate::http::request::UrlParams;
+use crate::http::body::{self, ProxyBody};
+use crate::http::client::RequestBody;
+use crate::http::pool::Upstream;
+use crate::http::server::ClientBody;
+use crate::preagg::EngineSlot;
 use crate::preagg::store::{Job, JobFilter, MismatchSample};
-use crate::preagg::{Engine, QueryContext, WarmError, now_micros};
-use crate::proxy::EngineSlot;
+use crate::preagg::{Engine, WarmError, now_micros};
 use crate::shadow::{RuleStats, Shadow};
 use crate::sql::quote;
 
@@ -83,14 +85,14 @@ pub struct ShadowReport {
 
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<ProxyBody> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    let mut response = Response::new(forward::full(body));
+    let mut response = Response::new(body::full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(forward::full(body.into()));
+    let mut response = Response::new(body::full(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response

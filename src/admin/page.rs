@@ -173,7 +173,7 @@ fn render_shadow(html: &mut String, shadow: &ShadowReport) {
 mod tests {
     use super::*;
     use crate::preagg::store::MismatchSample;
-    use crate::sql::rewrite::Window;
+    use crate::sql::window::Window;
 
     fn job(start: i64, end: i64, status: Status) -> Job {
         Job {

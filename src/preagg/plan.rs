@@ -8,7 +8,7 @@
 //! children's (a week by seven days, a day by 24 hours); a window that is not built whole is built
 //! whole, while whatever its children already have is served meanwhile.
 
-use crate::sql::rewrite::{Edge, RawRange, Window};
+use crate::sql::window::{Edge, RawRange, ReadyJob, Window};
 
 /// One hour in microseconds.
 pub const HOUR: i64 = 3_600_000_000;
@@ -18,17 +18,6 @@ pub const DAY: i64 = 24 * HOUR;
 pub const WEEK: i64 = 7 * DAY;
 /// Weeks start on Monday: the first Monday after the Unix epoch (a Thursday) is 4 days in.
 const WEEK_OFFSET: i64 = 4 * DAY;
-
-/// A ready, unexpired job: the window it covers, its id, and the rows its build confirmed.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ReadyJob {
-    /// Job id (the rows' `job_id`).
-    pub id: String,
-    /// Window it covers.
-    pub window: Window,
-    /// Rows the build wrote and confirmed.
-    pub rows: u64,
-}
 
 /// What to read for one occurrence.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

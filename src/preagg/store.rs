@@ -10,7 +10,7 @@ use std::time::Duration;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use crate::sql::rewrite::Window;
+use crate::sql::window::Window;
 
 /// Store failures; every one means pass-through for the query at hand.
 #[derive(Debug, thiserror::Error)]

@@ -257,7 +257,7 @@ pub fn parse_timestamp(text: &str, tz: Tz, precision: u32) -> Result<i64, Reason
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::parse_pattern;
+    use crate::sql::rule::parse_pattern;
 
     fn utc(e: &Expr) -> Option<Tz> {
         match e {

@@ -14,8 +14,8 @@ use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
 use super::matcher::Occurrence;
+use super::rule::Rule;
 use super::tokens::Tokens;
-use crate::rules::Rule;
 
 /// Context of a query that joins its hash.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

@@ -22,9 +22,9 @@ use super::bounds::{self, Bound, Side, TimeTest};
 use super::locate::{Candidate, find_top_level};
 use super::pattern::{Bindings, Column, Matcher, Scope};
 use super::quote;
+use super::rule::{Rule, parse_pattern};
 use super::tokens::{Tokens, is_keyword};
 use crate::outcome::Reason;
-use crate::rules::{Rule, parse_pattern};
 
 /// Functions whose value depends on when, where or by whom a query runs: a body using one cannot
 /// be stored and served later.
@@ -622,15 +622,11 @@ impl Cutter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::load_dir;
     use crate::sql::locate::candidates;
+    use crate::sql::rule::shipped_rules;
 
     fn rule() -> Rule {
-        load_dir(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules")))
-            .unwrap()
-            .into_iter()
-            .find(|r| r.name == "experiment_exposures")
-            .unwrap()
+        shipped_rules().into_iter().find(|r| r.name == "experiment_exposures").unwrap()
     }
 
     fn first(sql: &str) -> Result<Occurrence, Reason> {

@@ -13,9 +13,11 @@ pub mod matcher;
 pub mod pattern;
 pub mod quote;
 pub mod rewrite;
+pub mod rule;
 pub mod settings;
 pub mod splice;
 pub mod tokens;
+pub mod window;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,9 +26,9 @@ use std::time::{Duration, Instant};
 use cpu_time::ThreadTime;
 
 use crate::outcome::Reason;
-use crate::rules::Rule;
 use hash::HashContext;
 use matcher::Occurrence;
+use rule::Rule;
 use tokens::Tokens;
 
 /// The request context that can change what a query computes.

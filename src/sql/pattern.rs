@@ -188,7 +188,7 @@ pub fn variable(e: &Expr) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::parse_pattern;
+    use crate::sql::rule::parse_pattern;
 
     fn scope() -> Scope {
         Scope {

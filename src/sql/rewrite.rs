@@ -8,35 +8,7 @@ use std::ops::Range;
 use super::matcher::{INNER_PREFIX, Occurrence};
 use super::quote;
 use super::splice::{self, Edit, SpliceError};
-use crate::preagg::plan::ReadyJob;
-
-/// A window of time, half-open `[start, end)` in microseconds (UTC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct Window {
-    /// Start (inclusive).
-    pub start: i64,
-    /// End (exclusive).
-    pub end: i64,
-}
-
-/// An edge of a raw sub-range: the query's own bound, or an instant chosen by the plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Edge {
-    /// Keep the original bound conjunct.
-    Original,
-    /// Cut at this instant (`>=` for a start, `<` for an end).
-    At(i64),
-}
-
-/// A sub-range of the query's range read from the source table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct RawRange {
-    /// Where it starts.
-    pub start: Edge,
-    /// Where it ends.
-    pub end: Edge,
-}
+use super::window::{Edge, RawRange, ReadyJob, Window};
 
 /// Where the rewrite reads preaggregates.
 #[derive(Debug, Clone, PartialEq, Eq)]

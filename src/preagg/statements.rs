@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioExecutor;
 
+use crate::clickhouse_http::context::Credentials;
 use crate::config::Config;
-use crate::rules::Rule;
 use crate::sql::quote;
+use crate::sql::rule::Rule;
 
 /// Failures of the proxy's own statements.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +98,7 @@ pub struct StatementContext {
     /// Settings (URL-parameter form).
     pub settings: BTreeMap<String, String>,
     /// The user to run as (`None`: the proxy's own user).
-    pub credentials: Option<super::Credentials>,
+    pub credentials: Option<Credentials>,
 }
 
 /// How long an idle connection of the proxy's own statements is kept: less than ClickHouse's

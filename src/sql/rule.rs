@@ -1,4 +1,5 @@
-//! Rule files: what a rewritable subquery looks like and how its columns re-aggregate.
+//! Rules: what a rewritable subquery looks like and how its columns re-aggregate, read from a
+//! rule file's text (the [`rules`](crate::rules) module finds and reads the files).
 //!
 //! A rule is data (`rules/*.toml`), loaded and validated at start. Patterns are ClickHouse
 //! expressions in which `$name` stands for any sub-expression (the same name must bind equal
@@ -15,8 +16,19 @@ use sqlparser::dialect::ClickHouseDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::Token;
 
-use crate::config::Mode;
-use crate::sql::tokens::Tokens;
+use super::tokens::Tokens;
+
+/// How the proxy treats experiment queries: for every query (the `mode` key) or for one rule's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Serve matched subqueries from preaggregated windows.
+    Rewrite,
+    /// Answer with the original; compare the rewrite in the background.
+    Shadow,
+    /// Never rewrite; plain pass-through.
+    Off,
+}
 
 /// A rule file that cannot be used; the message names the file and the field.
 #[derive(Debug, thiserror::Error)]
@@ -212,7 +224,7 @@ struct RuleFile {
     #[serde(default)]
     description: String,
     prefilter: Vec<String>,
-    mode: Option<String>,
+    mode: Option<Mode>,
     source: SourceFile,
     target: TargetFile,
     #[serde(default)]
@@ -261,36 +273,8 @@ struct FormFile {
     merge: String,
 }
 
-/// Loads every `*.toml` file of `dir`, in name order. Rule names must be unique.
-pub fn load_dir(dir: &Path) -> Result<Vec<Rule>, RuleError> {
-    let dir_error = |message: String| RuleError::Dir { dir: dir.to_path_buf(), message };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| dir_error(e.to_string()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    files.sort();
-    let mut rules = Vec::new();
-    let mut names = HashSet::new();
-    for file in files {
-        let rule = load_file(&file)?;
-        if !names.insert(rule.name.clone()) {
-            return Err(field_error(&file, "name", format!("another rule file already uses the name `{}`", rule.name)));
-        }
-        rules.push(rule);
-    }
-    Ok(rules)
-}
-
-fn field_error(file: &Path, field: impl Into<String>, message: impl Into<String>) -> RuleError {
+pub(crate) fn field_error(file: &Path, field: impl Into<String>, message: impl Into<String>) -> RuleError {
     RuleError::Field { file: file.to_path_buf(), field: field.into(), message: message.into() }
-}
-
-/// Loads and validates one rule file.
-pub fn load_file(file: &Path) -> Result<Rule, RuleError> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| RuleError::File { file: file.to_path_buf(), message: e.to_string() })?;
-    parse_rule(&text, file)
 }
 
 /// Parses and validates rule text; `file` names it in errors.
@@ -306,13 +290,6 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
     if raw.prefilter.is_empty() || raw.prefilter.iter().any(String::is_empty) {
         return Err(err("prefilter", "needs at least one non-empty string".into()));
     }
-    let mode = match raw.mode.as_deref() {
-        None => None,
-        Some("rewrite") => Some(Mode::Rewrite),
-        Some("shadow") => Some(Mode::Shadow),
-        Some("off") => Some(Mode::Off),
-        Some(other) => return Err(err("mode", format!("`{other}` is not one of rewrite, shadow, off"))),
-    };
     let s = &raw.source;
     identifier(&s.table).map_err(|m| err("source.table", m))?;
     identifier(&s.time_column).map_err(|m| err("source.time_column", m))?;
@@ -401,7 +378,7 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
         description: raw.description,
         file: file.to_path_buf(),
         prefilter: raw.prefilter,
-        mode,
+        mode: raw.mode,
         source: SourceTable {
             table: s.table.clone(),
             time_column: s.time_column.clone(),
@@ -460,6 +437,13 @@ fn identifier(s: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("`{s}` is not a plain identifier")) }
 }
 
+/// The rules shipped in `rules/`, for tests.
+#[cfg(test)]
+pub(crate) fn shipped_rules() -> Vec<Rule> {
+    let text = include_str!("../../rules/experiment_exposures.toml");
+    vec![parse_rule(text, Path::new("rules/experiment_exposures.toml")).expect("the shipped rule parses")]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,12 +471,6 @@ mod tests {
         type = "UUID"
         forms = [{ query = "argMin($x, $t)", merge = "argMin(uuid, first)" }]
     "#;
-
-    #[test]
-    fn the_shipped_rules_load() {
-        let rules = load_dir(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules"))).unwrap();
-        assert!(rules.iter().any(|r| r.name == "experiment_exposures"));
-    }
 
     #[test]
     fn a_minimal_rule_loads_and_renders() {

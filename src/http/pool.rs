@@ -1,81 +1,44 @@
-//! Forwarding to the upstream ClickHouse: a pooled keep-alive client, header hygiene, bodies that
-//! stream in both directions, and ClickHouse-style error answers for the proxy's own failures.
+//! The upstream connection pool: a keep-alive HTTP/1.1 client for one endpoint (plain or TLS),
+//! hop-by-hop headers dropped both ways, bodies streaming in both directions.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{StreamExt, stream};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, header};
-use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::BoxBody};
-use hyper::body::Frame;
+use http::{HeaderMap, HeaderValue, Method, Response, Uri, header};
+use http_body::Frame;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service as _;
 
-use super::h1;
+use super::body::ProxyBody;
+use super::client::{self, Connection, Exchange, Outgoing, RequestBody};
+use super::common::{H1Error, strip_hop_by_hop};
 use super::tls::ClientTls;
-use crate::config::Endpoint;
+use crate::error::error_chain;
 
-/// Boxed error of a proxied body.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Body type of everything the proxy sends, in either direction.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
-
-/// A complete body.
-pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+/// The upstream or ClickHouse endpoint: scheme, authority and base path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Parsed URI; the path is a prefix for forwarded paths.
+    pub uri: http::Uri,
 }
 
-/// A streaming body passed along as it arrives.
-pub fn streaming<B>(body: B) -> ProxyBody
-where
-    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    body.map_err(|e| Box::new(e) as BoxError).boxed()
-}
-
-/// Chunks already read, followed by the rest of a body still arriving.
-pub fn prefixed<B>(prefix: Vec<Bytes>, rest: B) -> ProxyBody
-where
-    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    let head = stream::iter(prefix.into_iter().map(|b| Ok::<_, BoxError>(Frame::data(b))));
-    let tail = BodyStream::new(rest).map(|frame| frame.map_err(|e| Box::new(e) as BoxError));
-    BoxBody::new(StreamBody::new(head.chain(tail)))
-}
-
-/// Removes hop-by-hop headers, including those named by `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Usually there are none (`Connection` is one of them): one pass over the names tells.
-    if !headers.keys().any(|name| h1::is_hop_by_hop(name.as_str().as_bytes())) {
-        return;
+impl Endpoint {
+    /// The URL without any user:password part, for logs.
+    pub fn redacted(&self) -> String {
+        let scheme = self.uri.scheme_str().unwrap_or("http");
+        let host = self.uri.host().unwrap_or("");
+        let port = self.uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{scheme}://{host}{port}{}", self.uri.path())
     }
-    if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
-        let (_, values) = connection.remove_entry_mult();
-        // Usually just `keep-alive`: nothing is allocated then.
-        let mut named = Vec::new();
-        for value in values {
-            for option in h1::connection_options(value.as_bytes()) {
-                if let h1::ConnectionOption::Header(name) = option {
-                    named.push(name);
-                }
-            }
-        }
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    // The other hop-by-hop names present (on responses, usually `Keep-Alive`), without a copy of
-    // the header list.
-    while let Some(name) = headers.keys().find(|name| h1::is_hop_by_hop(name.as_str().as_bytes())).cloned() {
-        headers.remove(name);
+
+    /// The URL as the `clickhouse` crate expects it (no userinfo, no trailing slash).
+    pub fn base_url(&self) -> String {
+        self.redacted().trim_end_matches('/').to_string()
     }
 }
 
@@ -107,43 +70,6 @@ pub enum UpstreamError {
         message: String,
     },
 }
-
-impl UpstreamError {
-    /// The answer a client gets for this failure.
-    pub fn to_response(&self) -> Response<ProxyBody> {
-        match self {
-            UpstreamError::Unreachable { .. } | UpstreamError::Failed { .. } => {
-                error_response(StatusCode::BAD_GATEWAY, 210, "NETWORK_ERROR", &self.to_string())
-            }
-            UpstreamError::Timeout { .. } => {
-                error_response(StatusCode::GATEWAY_TIMEOUT, 159, "TIMEOUT_EXCEEDED", &self.to_string())
-            }
-        }
-    }
-}
-
-/// A ClickHouse-style error answer generated by the proxy itself.
-pub fn error_response(status: StatusCode, code: u32, name: &str, message: &str) -> Response<ProxyBody> {
-    let body = format!("Code: {code}. DB::Exception: preagg-proxy: {message}. ({name})\n");
-    let mut response = Response::new(full(body));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=UTF-8"));
-    headers.insert("x-clickhouse-exception-code", HeaderValue::from(code));
-    response
-}
-
-/// Sets a header of a response: among the upstream's fields (in place of one of that name) when
-/// it is an upstream answer, else in its header map.
-pub fn set_header<B>(response: &mut Response<B>, name: HeaderName, value: HeaderValue) {
-    match response.extensions_mut().get_mut::<h1::UpstreamFields>() {
-        Some(fields) => fields.set(&name, &value),
-        None => {
-            response.headers_mut().insert(name, value);
-        }
-    }
-}
-
 /// Keep-alive connections idle longer than this are closed rather than reused: less than
 /// ClickHouse's `keep_alive_timeout` (3 s before 23.11, 10 s since), so that a request is never
 /// written to a connection the server is closing at that moment (it would fail, unanswered).
@@ -157,9 +83,9 @@ const MAX_IDLE: usize = 256;
 type UpstreamStream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
 
 /// A connection to the upstream.
-type UpstreamConnection = h1::Connection<UpstreamStream>;
+type UpstreamConnection = Connection<UpstreamStream>;
 
-/// The HTTP/1.1 client to the upstream ClickHouse: keep-alive connections ([`h1::Connection`]),
+/// The HTTP/1.1 client to the upstream ClickHouse: keep-alive connections ([`Connection`]),
 /// each carrying one request at a time, reused most-recent first. A connection goes back to the
 /// pool when the response body it carried, read to its end, is dropped; a body abandoned half-way
 /// closes its connection (ClickHouse stops the query when it next writes to it, or at once for a
@@ -257,18 +183,18 @@ impl Pool {
 /// The body of an upstream response; its connection returns to the pool when the body, read to
 /// its end, is dropped.
 pub struct UpstreamBody {
-    body: h1::ResponseBody<UpstreamStream>,
+    body: client::ResponseBody<UpstreamStream>,
     pool: Arc<Pool>,
 }
 
 impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = h1::H1Error;
+    type Error = H1Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, h1::H1Error>>> {
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, H1Error>>> {
         std::pin::Pin::new(&mut self.body).poll_frame(cx)
     }
 
@@ -293,7 +219,7 @@ impl Drop for UpstreamBody {
 }
 
 /// The body of a request to the upstream.
-pub type UpstreamRequestBody = h1::RequestBody<ProxyBody>;
+pub type UpstreamRequestBody = RequestBody<ProxyBody>;
 
 impl Upstream {
     /// A client for `endpoint` with keep-alive pooling, over TLS with `tls` for `https://`.
@@ -336,7 +262,7 @@ impl Upstream {
         let target = self.target(path_and_query).map_err(|e| self.failed(&e))?;
         strip_hop_by_hop(&mut headers);
         headers.insert(header::HOST, self.host.clone());
-        let request = h1::Outgoing::new(&method, target.as_str(), &headers, body);
+        let request = Outgoing::new(&method, target.as_str(), &headers, body);
         self.exchange(&method, request, tokio::time::Instant::now() + self.timeout).await
     }
 
@@ -347,7 +273,7 @@ impl Upstream {
     async fn exchange(
         &self,
         method: &Method,
-        mut request: h1::Outgoing<ProxyBody>,
+        mut request: Outgoing<ProxyBody>,
         deadline: tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         loop {
@@ -359,7 +285,7 @@ impl Upstream {
                 },
             };
             match connection.send(method, &mut request, deadline).await {
-                Ok(h1::Exchange { head, body }) => {
+                Ok(Exchange { head, body }) => {
                     let mut response = Response::new(UpstreamBody { body, pool: Arc::clone(&self.pool) });
                     *response.status_mut() = head.status;
                     *response.version_mut() = head.version;
@@ -369,7 +295,7 @@ impl Upstream {
                     }
                     return Ok(response);
                 }
-                Err(h1::H1Error::HeadTimeout) => return Err(self.timed_out()),
+                Err(H1Error::HeadTimeout) => return Err(self.timed_out()),
                 Err(_) if reused && request.untouched() => {}
                 Err(error) => return Err(self.failed(&error)),
             }
@@ -380,7 +306,7 @@ impl Upstream {
     async fn connect(&self) -> Result<UpstreamConnection, UpstreamError> {
         let mut connector = self.connector.clone();
         match connector.call(self.endpoint.uri.clone()).await {
-            Ok(stream) => Ok(h1::Connection::new(TokioIo::new(stream))),
+            Ok(stream) => Ok(Connection::new(TokioIo::new(stream))),
             Err(error) => Err(UpstreamError::Unreachable {
                 endpoint: self.endpoint.redacted(),
                 message: error_chain(error.as_ref()),
@@ -411,44 +337,15 @@ fn host_header(uri: &Uri) -> HeaderValue {
     HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("localhost"))
 }
 
-/// An error with its causes, on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::atomic::Ordering::SeqCst;
 
-    use super::*;
+    use http_body_util::BodyExt;
 
-    #[test]
-    fn hop_by_hop_headers_go_including_those_named_by_connection() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-private"));
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("x-clickhouse-user", HeaderValue::from_static("u"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-clickhouse-user"));
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("close"));
-        h.insert("x-clickhouse-format", HeaderValue::from_static("TSV"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-clickhouse-format"]);
-    }
+    use super::*;
+    use crate::http::body::full;
 
     #[test]
     fn target_keeps_the_path_and_query_bytes() {
@@ -492,7 +389,7 @@ mod tests {
     }
 
     async fn get(up: &Upstream) -> Response<UpstreamBody> {
-        up.send(Method::GET, "/", HeaderMap::new(), h1::RequestBody::Full(Bytes::new())).await.unwrap()
+        up.send(Method::GET, "/", HeaderMap::new(), RequestBody::Full(Bytes::new())).await.unwrap()
     }
 
     async fn text(response: Response<UpstreamBody>) -> String {
@@ -514,7 +411,7 @@ mod tests {
         let endpoint = Endpoint { uri: format!("https://{address}").parse().unwrap() };
         let timeout = Duration::from_millis(300);
         let up = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(5), timeout);
-        let send = up.send(Method::GET, "/", HeaderMap::new(), h1::RequestBody::Full(Bytes::new()));
+        let send = up.send(Method::GET, "/", HeaderMap::new(), RequestBody::Full(Bytes::new()));
         let result = tokio::time::timeout(Duration::from_secs(3), send).await.expect("the handshake hung");
         assert!(matches!(result, Err(UpstreamError::Timeout { .. })), "a 504");
         held.abort();
@@ -536,7 +433,7 @@ mod tests {
         let (endpoint, accepted) = counting_server(true).await;
         let up = Upstream::new(endpoint, &ClientTls::default(), Duration::from_secs(1), Duration::from_secs(5));
         for _ in 0..3 {
-            let response = up.send(Method::HEAD, "/", HeaderMap::new(), h1::RequestBody::Full(Bytes::new())).await;
+            let response = up.send(Method::HEAD, "/", HeaderMap::new(), RequestBody::Full(Bytes::new())).await;
             assert!(http_body::Body::is_end_stream(response.unwrap().body()));
         }
         assert_eq!(accepted.load(SeqCst), 1);
@@ -596,26 +493,5 @@ mod tests {
         text(get(&second).await).await;
         text(get(&first).await).await;
         assert_eq!(accepted.load(SeqCst), 2);
-    }
-
-    #[test]
-    fn the_proxys_headers_replace_the_upstreams_own() {
-        let head = "HTTP/1.1 200 OK\r\nX-Preagg: forged\r\nContent-Length: 0\r\n\r\n";
-        let fields = h1::parse_response_head(&mut bytes::BytesMut::from(head), &Method::GET).unwrap().unwrap().fields;
-        let mut upstream = Response::new(());
-        upstream.extensions_mut().insert(fields);
-        set_header(&mut upstream, HeaderName::from_static("x-preagg"), HeaderValue::from_static("rewritten"));
-        assert!(upstream.headers().is_empty());
-        assert_eq!(upstream.extensions().get::<h1::UpstreamFields>().unwrap().lines(), b"x-preagg: rewritten\r\n");
-        let mut own = error_response(StatusCode::BAD_GATEWAY, 210, "NETWORK_ERROR", "down");
-        set_header(&mut own, HeaderName::from_static("x-preagg"), HeaderValue::from_static("passthrough"));
-        assert_eq!(own.headers()["x-preagg"], "passthrough");
-    }
-
-    #[test]
-    fn proxy_errors_read_like_clickhouse_errors() {
-        let r = error_response(StatusCode::PAYLOAD_TOO_LARGE, 1002, "X", "too big");
-        assert_eq!(r.status(), 413);
-        assert_eq!(r.headers()["x-clickhouse-exception-code"], "1002");
     }
 }

@@ -18,9 +18,9 @@ use bytes::Bytes;
 use http::{Method, Uri};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::config::LogFormat;
-use crate::http::forward::{BoxError, ProxyBody};
-use crate::http::log_lines;
+use crate::http::body::ProxyBody;
+use crate::http::common::BoxError;
+use crate::log_lines::{self, LogFormat};
 use crate::metrics as m;
 
 /// The log target of access lines (`--log-filter preagg_proxy::access=off` turns them off).

@@ -17,25 +17,17 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
-/// Boxed error of a request body being streamed.
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Most headers a response head may have (as hyper).
-const MAX_HEADERS: usize = 100;
-
-/// Longest response head accepted (as hyper's default buffer limit).
-const MAX_HEAD_BYTES: usize = 400 * 1024;
-
-/// Longest chunk-size line or trailer section accepted.
-const MAX_CHUNK_LINE_BYTES: usize = 4096;
-const MAX_TRAILER_BYTES: usize = 64 * 1024;
+use super::body::{BodyDecoder, BodyPiece, ChunkedDecoder};
+use super::common::{
+    BoxError, FramingFields, H1Error, MAX_HEADERS, MAX_RESPONSE_HEAD_BYTES, is_hop_by_hop, push_field,
+};
 
 /// Room made in the read buffer before a read: at first (most answers fit), and at most (a long
 /// answer read after a full read).
@@ -44,121 +36,6 @@ const MAX_READ: usize = 256 * 1024;
 
 /// Complete bodies up to this size are copied behind the head and written with it.
 const INLINE_BODY_BYTES: usize = 64 * 1024;
-
-/// What can go wrong on an upstream connection.
-#[derive(Debug, thiserror::Error)]
-pub enum H1Error {
-    /// The connection ended before a response head arrived.
-    #[error("connection closed before a response")]
-    ClosedBeforeResponse,
-    /// The response head is not HTTP/1.x.
-    #[error("invalid response head: {0}")]
-    InvalidHead(String),
-    /// The response head is longer than [`MAX_HEAD_BYTES`].
-    #[error("response head larger than {MAX_HEAD_BYTES} bytes")]
-    HeadTooLarge,
-    /// No response head by the deadline of [`Connection::send`].
-    #[error("no response head by the deadline")]
-    HeadTimeout,
-    /// The upstream tried to switch protocols.
-    #[error("unexpected 101 Switching Protocols")]
-    UnexpectedUpgrade,
-    /// The chunked response body is malformed.
-    #[error("invalid chunked encoding in the response body")]
-    InvalidChunk,
-    /// The connection ended before the response body did.
-    #[error("connection closed before the end of the response body")]
-    IncompleteBody,
-    /// The request body ended short of, or went past, its `Content-Length`.
-    #[error("request body does not match its Content-Length")]
-    RequestBodyLength,
-    /// Reading the request body from the client failed.
-    #[error("request body: {0}")]
-    RequestBody(BoxError),
-    /// The socket failed.
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
-
-/// Whether a header name (any case) describes one connection, not the message (RFC 9110
-/// section 7.6.1).
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    const NAMES: [&[u8]; 9] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    ];
-    NAMES.iter().any(|hop| hop.len() == name.len() && hop.eq_ignore_ascii_case(name))
-}
-
-/// Appends `name: value` and its line end to a head being written.
-fn push_field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    head.extend_from_slice(name);
-    head.extend_from_slice(b": ");
-    head.extend_from_slice(value);
-    head.extend_from_slice(b"\r\n");
-}
-
-/// One option of a `Connection` header (RFC 9110 section 7.6.1).
-#[derive(Debug, PartialEq, Eq)]
-pub enum ConnectionOption {
-    /// `close`: the connection ends after this message.
-    Close,
-    /// `keep-alive`: it stays open.
-    KeepAlive,
-    /// A header that describes this connection only.
-    Header(HeaderName),
-}
-
-/// Whether a message leaves its connection open for another (RFC 9112 section 9.3): HTTP/1.1
-/// unless a `Connection` header said `close`, HTTP/1.0 only if one said `keep-alive`; `close`
-/// wins over `keep-alive` (section 9.6).
-pub fn persistent(version: Version, close: bool, keep_alive: bool) -> bool {
-    !close && (version == Version::HTTP_11 || keep_alive)
-}
-
-/// Whether a `Transfer-Encoding` value ends in `chunked`, the one coding that delimits a body.
-pub fn ends_in_chunked(value: &[u8]) -> bool {
-    value.rsplit(|b| *b == b',').next().is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-}
-
-/// Folds one `Content-Length` value into the length of the fields seen before (`seen`): a list
-/// of equal lengths is one length (RFC 9110 section 8.6). `None` for a value that is not
-/// 1*DIGIT (no sign) or differs from another.
-pub fn content_length(value: &[u8], seen: Option<u64>) -> Option<u64> {
-    let mut length = seen;
-    for part in value.split(|b| *b == b',') {
-        let digits = part.trim_ascii();
-        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let value = std::str::from_utf8(digits).ok()?.parse::<u64>().ok()?;
-        if length.is_some_and(|length| length != value) {
-            return None;
-        }
-        length = Some(value);
-    }
-    length
-}
-
-/// The options of one `Connection` header value; tokens that are not header names are skipped.
-pub fn connection_options(value: &[u8]) -> impl Iterator<Item = ConnectionOption> + '_ {
-    value.split(|b| *b == b',').map(<[u8]>::trim_ascii).filter_map(|option| {
-        if option.eq_ignore_ascii_case(b"close") {
-            Some(ConnectionOption::Close)
-        } else if option.eq_ignore_ascii_case(b"keep-alive") {
-            Some(ConnectionOption::KeepAlive)
-        } else {
-            HeaderName::from_bytes(option).ok().map(ConnectionOption::Header)
-        }
-    })
-}
 
 /// How a streamed request body is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -420,7 +297,7 @@ pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opt
         httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buffer, &mut slots);
     let length = match parsed {
         Ok(httparse::Status::Complete(length)) => length,
-        Ok(httparse::Status::Partial) if buffer.len() >= MAX_HEAD_BYTES => return Err(H1Error::HeadTooLarge),
+        Ok(httparse::Status::Partial) if buffer.len() >= MAX_RESPONSE_HEAD_BYTES => return Err(H1Error::HeadTooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(error) => return Err(H1Error::InvalidHead(error.to_string())),
     };
@@ -433,28 +310,11 @@ pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opt
         .and_then(|reason| ReasonPhrase::try_from(reason.as_bytes()).ok());
     // First what the fields say about the connection and the body, then the end-to-end ones
     // copied out (the `Connection` header may name fields that came before it).
-    let mut connection_headers: Vec<HeaderName> = Vec::new();
-    let (mut chunked, mut transfer_encoded) = (false, false);
-    // The length of the `Content-Length` fields so far; `Err` once one is invalid.
-    let mut body_length = Ok(None);
-    let (mut close, mut keep_alive) = (false, false);
+    let mut framing_fields = FramingFields::default();
     for h in response.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"connection") {
-            for option in connection_options(h.value) {
-                match option {
-                    ConnectionOption::Close => close = true,
-                    ConnectionOption::KeepAlive => keep_alive = true,
-                    ConnectionOption::Header(named) => connection_headers.push(named),
-                }
-            }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            transfer_encoded = true;
-            chunked = ends_in_chunked(h.value);
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            body_length = body_length.and_then(|seen| content_length(h.value, seen).map(Some).ok_or(()));
-        }
+        framing_fields.note(h.name.as_bytes(), h.value);
     }
+    let FramingFields { ref connection_headers, chunked, transfer_encoded, length: body_length, .. } = framing_fields;
     // Room for the proxy's own header (`X-Preagg`) without a reallocation.
     let mut lines = Vec::with_capacity(length + 128);
     let mut dated = false;
@@ -486,105 +346,11 @@ pub fn parse_response_head(buffer: &mut BytesMut, method: &Method) -> Result<Opt
             Ok(None) => Framing::UntilClose,
         }
     };
-    let keep_alive = persistent(version, close, keep_alive) && framing != Framing::UntilClose;
+    let keep_alive = framing_fields.persistent(version) && framing != Framing::UntilClose;
     // A length next to a transfer encoding is ignored, and must not reach the client.
     let content_length = if transfer_encoded { None } else { body_length.ok().flatten() };
     let fields = UpstreamFields { lines, content_length, dated };
     Ok(Some(ResponseHead { status, version, fields, reason, framing, keep_alive }))
-}
-
-/// What a [`ChunkedDecoder`] made of the bytes it was given.
-#[derive(Debug, PartialEq)]
-enum Decoded {
-    /// Body bytes.
-    Data(Bytes),
-    /// The trailer section (the body has ended).
-    Trailers(HeaderMap),
-    /// The body has ended.
-    End,
-    /// More bytes are needed.
-    NeedMore,
-}
-
-/// Decodes a chunked body (RFC 9112 section 7.1) from a buffer that fills as bytes arrive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ChunkedDecoder {
-    /// Before a chunk-size line.
-    #[default]
-    Size,
-    /// Inside a chunk, this many bytes left.
-    Data(u64),
-    /// After a chunk's data, before its CRLF.
-    DataEnd,
-    /// After the last chunk, before the trailer section.
-    Trailers,
-    /// The body has ended.
-    Done,
-}
-
-impl ChunkedDecoder {
-    /// Takes what it can from the front of `buffer`.
-    fn decode(&mut self, buffer: &mut BytesMut) -> Result<Decoded, H1Error> {
-        loop {
-            match *self {
-                ChunkedDecoder::Size => match httparse::parse_chunk_size(buffer) {
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        buffer.advance(used);
-                        *self = if size == 0 { ChunkedDecoder::Trailers } else { ChunkedDecoder::Data(size) };
-                    }
-                    Ok(httparse::Status::Partial) if buffer.len() < MAX_CHUNK_LINE_BYTES => {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    Ok(httparse::Status::Partial) | Err(_) => return Err(H1Error::InvalidChunk),
-                },
-                ChunkedDecoder::Data(left) => {
-                    if buffer.is_empty() {
-                        return Ok(Decoded::NeedMore);
-                    }
-                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buffer.len());
-                    let rest = left - take as u64;
-                    *self = if rest == 0 { ChunkedDecoder::DataEnd } else { ChunkedDecoder::Data(rest) };
-                    return Ok(Decoded::Data(buffer.split_to(take).freeze()));
-                }
-                ChunkedDecoder::DataEnd => match buffer.get(..2) {
-                    None if buffer.first().is_none_or(|b| *b == b'\r') => return Ok(Decoded::NeedMore),
-                    Some(b"\r\n") => {
-                        buffer.advance(2);
-                        *self = ChunkedDecoder::Size;
-                    }
-                    _ => return Err(H1Error::InvalidChunk),
-                },
-                ChunkedDecoder::Trailers => {
-                    if buffer.starts_with(b"\r\n") {
-                        buffer.advance(2);
-                        *self = ChunkedDecoder::Done;
-                        return Ok(Decoded::End);
-                    }
-                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    return match httparse::parse_headers(buffer, &mut slots) {
-                        Ok(httparse::Status::Complete((used, fields))) => {
-                            let mut trailers = HeaderMap::with_capacity(fields.len());
-                            for field in fields.iter() {
-                                let (Ok(name), Ok(value)) = (
-                                    HeaderName::from_bytes(field.name.as_bytes()),
-                                    HeaderValue::from_bytes(field.value),
-                                ) else {
-                                    return Err(H1Error::InvalidChunk);
-                                };
-                                trailers.append(name, value);
-                            }
-                            buffer.advance(used);
-                            *self = ChunkedDecoder::Done;
-                            Ok(Decoded::Trailers(trailers))
-                        }
-                        Ok(httparse::Status::Partial) if buffer.len() < MAX_TRAILER_BYTES => Ok(Decoded::NeedMore),
-                        Ok(httparse::Status::Partial) | Err(_) => Err(H1Error::InvalidChunk),
-                    };
-                }
-                ChunkedDecoder::Done => return Ok(Decoded::End),
-            }
-        }
-    }
 }
 
 /// One connection to the upstream, between requests or carrying one. Small to move: the stream
@@ -709,77 +475,6 @@ pub struct Exchange<S> {
     pub body: ResponseBody<S>,
 }
 
-/// Where a message body is in its framing: what is left of it, read from the front of the
-/// connection's buffer. Both sides of the wire decode with it (requests from clients, responses
-/// from the upstream).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyDecoder {
-    /// This many bytes are still to come.
-    Length(u64),
-    /// A chunked body, as far as decoded.
-    Chunked(ChunkedDecoder),
-    /// Everything until the connection closes (responses only).
-    UntilClose,
-    /// Read to its end (or there was none).
-    Done,
-}
-
-/// What a [`BodyDecoder`] took from its buffer.
-#[derive(Debug)]
-pub enum BodyPiece {
-    /// Data, or the trailers that end a chunked body.
-    Frame(Frame<Bytes>),
-    /// The body has ended.
-    End,
-    /// The buffer holds no more of the body: read more. (A body until close ends when the
-    /// connection does, which only its reader knows.)
-    NeedMore,
-}
-
-impl BodyDecoder {
-    /// Takes the next piece of the body from the front of `buffer`; once the body has ended the
-    /// decoder is [`BodyDecoder::Done`].
-    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<BodyPiece, H1Error> {
-        match self {
-            BodyDecoder::Done | BodyDecoder::Length(0) => {
-                *self = BodyDecoder::Done;
-                Ok(BodyPiece::End)
-            }
-            BodyDecoder::Length(_) | BodyDecoder::UntilClose if buffer.is_empty() => Ok(BodyPiece::NeedMore),
-            BodyDecoder::Length(left) => {
-                let take = usize::try_from(*left).unwrap_or(usize::MAX).min(buffer.len());
-                *left -= take as u64;
-                if *left == 0 {
-                    *self = BodyDecoder::Done;
-                }
-                Ok(BodyPiece::Frame(Frame::data(buffer.split_to(take).freeze())))
-            }
-            BodyDecoder::UntilClose => Ok(BodyPiece::Frame(Frame::data(buffer.split().freeze()))),
-            BodyDecoder::Chunked(decoder) => match decoder.decode(buffer)? {
-                Decoded::Data(data) => Ok(BodyPiece::Frame(Frame::data(data))),
-                Decoded::NeedMore => Ok(BodyPiece::NeedMore),
-                Decoded::Trailers(trailers) => {
-                    *self = BodyDecoder::Done;
-                    Ok(BodyPiece::Frame(Frame::trailers(trailers)))
-                }
-                Decoded::End => {
-                    *self = BodyDecoder::Done;
-                    Ok(BodyPiece::End)
-                }
-            },
-        }
-    }
-
-    /// What is known of the size of the rest of the body.
-    pub fn size_hint(&self) -> SizeHint {
-        match self {
-            BodyDecoder::Length(left) => SizeHint::with_exact(*left),
-            BodyDecoder::Done => SizeHint::with_exact(0),
-            BodyDecoder::Chunked(_) | BodyDecoder::UntilClose => SizeHint::default(),
-        }
-    }
-}
-
 /// A response body read from its connection as it is polled.
 pub struct ResponseBody<S> {
     connection: Option<Connection<S>>,
@@ -843,10 +538,19 @@ impl<S: AsyncRead + Unpin> Body for ResponseBody<S> {
     }
 }
 
+/// it is an upstream answer, else in its header map.
+pub fn set_header<B>(response: &mut Response<B>, name: HeaderName, value: HeaderValue) {
+    match response.extensions_mut().get_mut::<UpstreamFields>() {
+        Some(fields) => fields.set(&name, &value),
+        None => {
+            response.headers_mut().insert(name, value);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use http_body_util::{BodyExt, Full, StreamBody};
-    use proptest::prelude::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     use super::*;
@@ -971,20 +675,7 @@ mod tests {
     }
 
     #[test]
-    fn framing_rules_are_the_same_for_requests_and_responses() {
-        assert_eq!(content_length(b"5", None), Some(5));
-        assert_eq!(content_length(b"5, 5", None), Some(5), "a list of one length");
-        assert_eq!(content_length(b"5", Some(5)), Some(5), "a second field, the same");
-        assert_eq!(content_length(b"5", Some(6)), None);
-        for bad in [&b"+5"[..], b"-1", b"5 5", b"", b"5,", b"0x5"] {
-            assert_eq!(content_length(bad, None), None, "{}", String::from_utf8_lossy(bad));
-        }
-        assert!(ends_in_chunked(b"gzip, Chunked "));
-        assert!(!ends_in_chunked(b"chunked, gzip"));
-        assert!(persistent(Version::HTTP_11, false, false));
-        assert!(!persistent(Version::HTTP_10, false, false));
-        assert!(persistent(Version::HTTP_10, false, true));
-        assert!(!persistent(Version::HTTP_10, true, true), "close wins");
+    fn responses_follow_the_shared_framing_rules() {
         let keep = |text: &str| head(text, &Method::GET).unwrap().unwrap().keep_alive;
         assert!(!keep("HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n"));
         assert!(keep("HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"));
@@ -1004,93 +695,8 @@ mod tests {
             head("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", &Method::GET),
             Err(H1Error::InvalidHead(_))
         ));
-        let endless = format!("HTTP/1.1 200 OK\r\nX-Long: {}", "a".repeat(MAX_HEAD_BYTES));
+        let endless = format!("HTTP/1.1 200 OK\r\nX-Long: {}", "a".repeat(MAX_RESPONSE_HEAD_BYTES));
         assert!(matches!(head(&endless, &Method::GET), Err(H1Error::HeadTooLarge)));
-    }
-
-    /// Decodes `wire` fed in pieces of the given sizes; the body, and trailers if any.
-    fn decode_in_pieces(wire: &[u8], sizes: &[usize]) -> Result<(Vec<u8>, Option<HeaderMap>), H1Error> {
-        let mut decoder = ChunkedDecoder::default();
-        let mut buffer = BytesMut::new();
-        let (mut body, mut trailers, mut fed) = (Vec::new(), None, 0);
-        let mut sizes = sizes.iter().copied().cycle();
-        loop {
-            match decoder.decode(&mut buffer)? {
-                Decoded::Data(data) => body.extend_from_slice(&data),
-                Decoded::Trailers(map) => trailers = Some(map),
-                Decoded::End => return Ok((body, trailers)),
-                Decoded::NeedMore if fed == wire.len() => return Err(H1Error::IncompleteBody),
-                Decoded::NeedMore => {
-                    let next = (fed + sizes.next().unwrap_or(1).max(1)).min(wire.len());
-                    buffer.extend_from_slice(&wire[fed..next]);
-                    fed = next;
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn body_decoders_take_their_body_and_no_more_then_are_done() {
-        let data = |piece: BodyPiece| match piece {
-            BodyPiece::Frame(frame) => frame.into_data().unwrap(),
-            other => panic!("{other:?}"),
-        };
-        let mut buffer = BytesMut::from("hel");
-        let mut length = BodyDecoder::Length(5);
-        assert_eq!(data(length.decode(&mut buffer).unwrap()), "hel");
-        assert!(matches!(length.decode(&mut buffer), Ok(BodyPiece::NeedMore)));
-        assert_eq!(length.size_hint().exact(), Some(2));
-        buffer.extend_from_slice(b"loNEXT");
-        assert_eq!(data(length.decode(&mut buffer).unwrap()), "lo");
-        assert_eq!((length, &buffer[..]), (BodyDecoder::Done, &b"NEXT"[..]), "the next message stays");
-        assert!(matches!(length.decode(&mut buffer), Ok(BodyPiece::End)));
-
-        let mut until_close = BodyDecoder::UntilClose;
-        assert_eq!(data(until_close.decode(&mut buffer).unwrap()), "NEXT");
-        assert!(matches!(until_close.decode(&mut buffer), Ok(BodyPiece::NeedMore)));
-
-        let mut chunked = BodyDecoder::Chunked(ChunkedDecoder::default());
-        let mut buffer = BytesMut::from("2\r\nab\r\n0\r\nX-T: 1\r\n\r\n");
-        assert_eq!(data(chunked.decode(&mut buffer).unwrap()), "ab");
-        match chunked.decode(&mut buffer).unwrap() {
-            BodyPiece::Frame(frame) => assert_eq!(frame.into_trailers().unwrap()["x-t"], "1"),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(chunked, BodyDecoder::Done, "trailers end the body");
-        assert!(BodyDecoder::Chunked(ChunkedDecoder::default()).decode(&mut BytesMut::from("zz\r\n")).is_err());
-    }
-
-    #[test]
-    fn chunked_bodies_decode_with_extensions_and_trailers() {
-        let wire = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: 1\r\n\r\n";
-        let (body, trailers) = decode_in_pieces(wire, &[1]).unwrap();
-        assert_eq!(body, b"hello world");
-        assert_eq!(trailers.unwrap()["x-checksum"], "1");
-        assert!(matches!(decode_in_pieces(b"5\r\nhelloXX", &[100]), Err(H1Error::InvalidChunk)));
-        assert!(matches!(decode_in_pieces(b"zz\r\n", &[100]), Err(H1Error::InvalidChunk)));
-        assert!(matches!(decode_in_pieces(b"5\r\nhel", &[100]), Err(H1Error::IncompleteBody)));
-    }
-
-    proptest! {
-        #[test]
-        fn chunked_bodies_decode_however_they_are_cut(
-            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
-            cuts in proptest::collection::vec(1usize..64, 1..8),
-            upper in any::<bool>(),
-        ) {
-            let mut wire = Vec::new();
-            for chunk in &chunks {
-                let size = if upper { format!("{:X}", chunk.len()) } else { format!("{:x}", chunk.len()) };
-                wire.extend_from_slice(size.as_bytes());
-                wire.extend_from_slice(b"\r\n");
-                wire.extend_from_slice(chunk);
-                wire.extend_from_slice(b"\r\n");
-            }
-            wire.extend_from_slice(b"0\r\n\r\n");
-            let (body, trailers) = decode_in_pieces(&wire, &cuts).unwrap();
-            prop_assert_eq!(body, chunks.concat());
-            prop_assert!(trailers.is_none());
-        }
     }
 
     /// A deadline no test reaches.
@@ -1257,5 +863,19 @@ mod tests {
         fn take_reusable_after_end(mut self) -> bool {
             self.take_reusable().is_some()
         }
+    }
+
+    #[test]
+    fn the_proxys_headers_replace_the_upstreams_own() {
+        let head = "HTTP/1.1 200 OK\r\nX-Preagg: forged\r\nContent-Length: 0\r\n\r\n";
+        let fields = parse_response_head(&mut bytes::BytesMut::from(head), &Method::GET).unwrap().unwrap().fields;
+        let mut upstream = Response::new(());
+        upstream.extensions_mut().insert(fields);
+        set_header(&mut upstream, HeaderName::from_static("x-preagg"), HeaderValue::from_static("rewritten"));
+        assert!(upstream.headers().is_empty());
+        assert_eq!(upstream.extensions().get::<UpstreamFields>().unwrap().lines(), b"x-preagg: rewritten\r\n");
+        let mut own = Response::new(());
+        set_header(&mut own, HeaderName::from_static("x-preagg"), HeaderValue::from_static("passthrough"));
+        assert_eq!(own.headers()["x-preagg"], "passthrough");
     }
 }
