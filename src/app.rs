@@ -69,9 +69,9 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
         tracing::info!(target: "preagg_proxy::config", "{line}");
     }
     let https = |endpoint: &crate::http::pool::Endpoint| endpoint.uri.scheme_str() == Some("https");
-    if let Some(file) = config.tls.ca_file()
+    if let Some(file) = config.tls_ca_file.ca_file()
         && !https(&config.upstream)
-        && !https(&config.clickhouse_url)
+        && !https(config.clickhouse_endpoint())
     {
         tracing::warn!(file = %file.display(), "tls_ca_file has no effect: neither upstream nor clickhouse_url is https://");
     }
@@ -91,7 +91,7 @@ pub async fn serve(config: Config, source: ConfigSource) -> anyhow::Result<()> {
     let shadow = Shadow::start(&config, Arc::clone(&engine));
     let admin = Admin::new(&config, Arc::clone(&engine), Some(Arc::clone(&shadow)), metrics);
     let proxy = Arc::new(Proxy::new(&config, Arc::clone(&engine), Some(Arc::clone(&shadow))));
-    let listen_tls = config.listen_tls.as_ref().map(ListenerTls::new);
+    let listen_tls = config.tls_cert_file.as_ref().map(ListenerTls::new);
     let reloader = Reloader {
         source,
         config: config.clone(),
@@ -187,7 +187,7 @@ impl Reloader {
         let config = Config::load(&self.source.args, self.source.file.as_deref())?;
         let rules = load_rules(&config)?;
         let log_filter = EnvFilter::try_new(&config.log_filter)?;
-        match (&self.listen_tls, &config.listen_tls) {
+        match (&self.listen_tls, &config.tls_cert_file) {
             (Some(tls), Some(cert)) => tls.replace(cert),
             (None, None) => {}
             (None, Some(_)) | (Some(_), None) => {
@@ -200,7 +200,7 @@ impl Reloader {
         let mut pending = self.pending.lock().await;
         match self.engine.get() {
             Some(engine) => {
-                let certificate = if self.listen_tls.is_some() && config.listen_tls.is_some() {
+                let certificate = if self.listen_tls.is_some() && config.tls_cert_file.is_some() {
                     "; the listener's new certificate is in use already"
                 } else {
                     ""
@@ -305,7 +305,8 @@ async fn connect_engine(config: Config, rules: Vec<Arc<Rule>>, slot: EngineSlot,
 
 /// Connects everything the engine needs.
 pub async fn build_engine(config: &Config, rules: Vec<Arc<Rule>>) -> anyhow::Result<Arc<Engine>> {
-    let store = Store::connect(&config.store, config.store_timeout).await.context("connecting the job store")?;
+    let store =
+        Store::connect(config.store.as_str(), config.store_timeout).await.context("connecting the job store")?;
     let clickhouse = ClickHouse::new(config);
     let engine = Arc::new(Engine::new(config, rules, store, clickhouse));
     engine.ensure_tables().await.context("creating the preaggregate tables")?;

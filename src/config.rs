@@ -33,111 +33,140 @@ pub struct KeySpec {
     pub secret: bool,
 }
 
-const fn key(name: &'static str, default: Option<&'static str>, help: &'static str) -> KeySpec {
-    KeySpec { name, default, help, secret: false }
+/// Declares every configuration key once, with its type, default, help and how its value is
+/// read; from that one list come [`KEYS`] (the flags, `PREAGG_*` variables, TOML keys and
+/// documentation), the fields of [`Config`], reading them, and [`Config::redacted_lines`].
+macro_rules! keys {
+    ($(#[doc = $help:literal] $name:ident: $ty:ty = $default:expr, $read:expr;)+) => {
+        /// Every configuration key the proxy knows, in documentation order.
+        pub const KEYS: &[KeySpec] = &[$(KeySpec {
+            name: stringify!($name),
+            default: $default,
+            help: doc_line($help),
+            secret: <$ty as Shown>::SECRET,
+        }),+];
+
+        /// The effective, typed configuration: one field per key, named as the key.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $(#[doc = $help] pub $name: $ty,)+
+        }
+
+        impl Config {
+            fn from_merged(merged: &Merged) -> Result<Config, ConfigError> {
+                Ok(Config { $($name: ($read)(merged, stringify!($name))?,)+ })
+            }
+
+            /// The effective configuration as `key = value` lines, credentials redacted.
+            pub fn redacted_lines(&self) -> Vec<String> {
+                vec![$(format!("{} = {}", stringify!($name), self.$name.shown()),)+]
+            }
+        }
+    };
 }
 
-const fn secret(name: &'static str, help: &'static str) -> KeySpec {
-    KeySpec { name, default: None, help, secret: true }
+/// A doc comment's text without the space `///` leaves before it.
+const fn doc_line(text: &'static str) -> &'static str {
+    match text.as_bytes() {
+        [b' ', ..] => text.split_at(1).1,
+        _ => text,
+    }
 }
 
-/// Every configuration key the proxy knows, in documentation order.
-pub const KEYS: &[KeySpec] = &[
-    key("listen", Some("127.0.0.1:8124"), "Address the proxy listens on for ClickHouse HTTP clients"),
-    key(
-        "tls_cert_file",
-        None,
-        "PEM certificate chain (server certificate first): with tls_key_file, `listen` speaks HTTPS only",
-    ),
-    key("tls_key_file", None, "PEM private key of tls_cert_file (PKCS#8, PKCS#1 or SEC1)"),
-    key(
-        "client_send_timeout",
-        Some("60s"),
-        "Longest a client may take none of an answer before its connection is dropped (nginx's send_timeout)",
-    ),
-    key(
-        "client_receive_timeout",
-        Some("30s"),
-        "Longest a client may send none of a query body the proxy reads before it gets 400 (ClickHouse's http_receive_timeout)",
-    ),
-    key("upstream", Some("http://127.0.0.1:8123"), "ClickHouse HTTP endpoint queries are forwarded to"),
-    key("store", Some("sqlite://preagg-jobs.db"), "Job store: sqlite://PATH (embedded default) or postgres://..."),
-    key(
-        "store_timeout",
-        Some("1s"),
-        "Longest a query waits for the job store; after a failure the store is left alone 5s",
-    ),
-    key("rules", Some("rules"), "Directory of rule files (*.toml), loaded at start"),
-    key(
-        "mode",
-        Some("rewrite"),
-        "rewrite (serve from preaggregates), shadow (compare, always answer with the original) or off",
-    ),
-    key("log_format", Some("text"), "Log line format: text or json"),
-    key("log_filter", Some("info"), "tracing filter directives, e.g. info or preagg_proxy=debug"),
-    key(
-        "max_body_bytes",
-        Some("16777216"),
-        "Largest request body read as query text; larger non-INSERT bodies get 413",
-    ),
-    key("connect_timeout", Some("5s"), "Upstream TCP connect timeout (502 when exceeded)"),
-    key("upstream_timeout", Some("600s"), "Time allowed for the upstream response headers (504 when exceeded)"),
-    key("shutdown_grace", Some("30s"), "On SIGTERM/SIGINT, how long in-flight requests may drain"),
-    key(
-        "workers",
-        None,
-        "Threads serving clients, each with its own event loop and upstream pool (default: one per CPU)",
-    ),
-    key("clickhouse_url", None, "ClickHouse HTTP endpoint for the proxy's own statements (default: upstream)"),
-    key(
-        "tls_ca_file",
-        None,
-        "PEM file of the authorities that https upstream and clickhouse_url certificates must chain to (default: the web's roots)",
-    ),
-    key("clickhouse_user", Some("default"), "User for the proxy's own statements (DDL, builds)"),
-    secret("clickhouse_password", "Password for the proxy's own statements"),
-    key("preagg_database", Some("default"), "Database that holds the preaggregated tables"),
-    key("cluster", None, "ClickHouse cluster name: ON CLUSTER DDL and a Distributed table over local ones"),
-    key("seal_after", Some("2h"), "A window is built only once its end is this much older than now"),
-    key("expiry_buffer", Some("1h"), "Jobs expiring within this buffer are not served"),
-    key("expiry_bands", Some("1d=1h,4d=18h,*=7d"), "Job lifetime by how soon after its window's end it was built"),
-    key(
-        "build",
-        Some("background"),
-        "background (first query answered by the original) or wait (first query waits for the build)",
-    ),
-    key("build_wait_timeout", Some("30s"), "With build=wait: longest a query waits for its windows"),
-    key("build_timeout", Some("15m"), "Longest a single build statement may run"),
-    key("lease_duration", Some("2m"), "A pending job whose lease is older than this is taken over by another proxy"),
-    key(
-        "build_retry_after",
-        Some("1m"),
-        "After a failed build, how long its windows are left alone before a query retries them",
-    ),
-    key("max_concurrent_builds", Some("2"), "Builds running at once in this process"),
-    key(
-        "max_queued_builds",
-        Some("32"),
-        "Builds waiting for a slot in this process; a query that would queue more passes through (build_queue_full)",
-    ),
-    key("job_cache_capacity", Some("10000"), "Job lookups cached in memory (entries)"),
-    key("job_cache_ttl", Some("30s"), "How long a cached job lookup is trusted before it is read again"),
-    key("jobs_per_user", Some("false"), "Keep preaggregates per ClickHouse user (the user joins the query hash)"),
-    key(
-        "max_parse_time",
-        Some("50ms"),
-        "CPU-time budget for analyzing one query; slower analysis passes the query through",
-    ),
-    key("shadow_sample_rate", Some("1.0"), "Share of matching queries compared in shadow mode (0.0 to 1.0)"),
-    key("shadow_concurrency", Some("2"), "Shadow comparisons running at once"),
-    key("shadow_queue", Some("64"), "Shadow comparisons waiting; more are dropped and counted"),
-    key("shadow_noise", Some("false"), "Also run the original twice to measure original-vs-original noise"),
-    key("shadow_float_tolerance", Some("1e-9"), "Relative tolerance when comparing floats in shadow mode"),
-    key("shadow_timeout", Some("120s"), "Longest a shadow comparison may run"),
-    key("shadow_samples", Some("100"), "Mismatch samples kept in the job store"),
-    key("admin_listen", Some("127.0.0.1:8125"), "Address of the admin API, status page and /metrics"),
-    secret("admin_token", "Bearer token required by the admin API (unset: no token required)"),
-];
+keys! {
+    /// Address the proxy listens on for ClickHouse HTTP clients
+    listen: SocketAddr = Some("127.0.0.1:8124"), required(parse_addr);
+    /// PEM certificate chain (server certificate first): with tls_key_file, `listen` speaks HTTPS only
+    tls_cert_file: Option<ListenerCert> = None, listener_cert;
+    /// PEM private key of tls_cert_file (PKCS#8, PKCS#1 or SEC1)
+    tls_key_file: Option<PathBuf> = None, optional(parse_path);
+    /// Longest a client may take none of an answer before its connection is dropped (nginx's send_timeout)
+    client_send_timeout: Duration = Some("60s"), required(parse_positive_duration);
+    /// Longest a client may send none of a query body the proxy reads before it gets 400 (ClickHouse's http_receive_timeout)
+    client_receive_timeout: Duration = Some("30s"), required(parse_positive_duration);
+    /// ClickHouse HTTP endpoint queries are forwarded to
+    upstream: Endpoint = Some("http://127.0.0.1:8123"), required(parse_endpoint);
+    /// Job store: sqlite://PATH (embedded default) or postgres://...
+    store: StoreUrl = Some("sqlite://preagg-jobs.db"), required(parse_store);
+    /// Longest a query waits for the job store; after a failure the store is left alone 5s
+    store_timeout: Duration = Some("1s"), required(parse_duration);
+    /// Directory of rule files (*.toml), loaded at start
+    rules: PathBuf = Some("rules"), required(parse_path);
+    /// rewrite (serve from preaggregates), shadow (compare, always answer with the original) or off
+    mode: Mode = Some("rewrite"), required(parse_enum);
+    /// Log line format: text or json
+    log_format: LogFormat = Some("text"), required(parse_enum);
+    /// tracing filter directives, e.g. info or preagg_proxy=debug
+    log_filter: String = Some("info"), required(parse_text);
+    /// Largest request body read as query text; larger non-INSERT bodies get 413
+    max_body_bytes: usize = Some("16777216"), required(parse_positive);
+    /// Upstream TCP connect timeout (502 when exceeded)
+    connect_timeout: Duration = Some("5s"), required(parse_duration);
+    /// Time allowed for the upstream response headers (504 when exceeded)
+    upstream_timeout: Duration = Some("600s"), required(parse_duration);
+    /// On SIGTERM/SIGINT, how long in-flight requests may drain
+    shutdown_grace: Duration = Some("30s"), required(parse_duration);
+    /// Threads serving clients, each with its own event loop and upstream pool (default: one per CPU)
+    workers: usize = None, workers;
+    /// ClickHouse HTTP endpoint for the proxy's own statements (default: upstream)
+    clickhouse_url: Option<Endpoint> = None, optional(parse_endpoint);
+    /// PEM file of the authorities that https upstream and clickhouse_url certificates must chain to (default: the web's roots)
+    tls_ca_file: ClientTls = None, client_tls;
+    /// User for the proxy's own statements (DDL, builds)
+    clickhouse_user: String = Some("default"), required(parse_text);
+    /// Password for the proxy's own statements
+    clickhouse_password: Secret = None, secret;
+    /// Database that holds the preaggregated tables
+    preagg_database: String = Some("default"), required(parse_identifier);
+    /// ClickHouse cluster name: ON CLUSTER DDL and a Distributed table over local ones
+    cluster: Option<String> = None, optional(parse_identifier);
+    /// A window is built only once its end is this much older than now
+    seal_after: Duration = Some("2h"), required(parse_duration);
+    /// Jobs expiring within this buffer are not served
+    expiry_buffer: Duration = Some("1h"), required(parse_duration);
+    /// Job lifetime by how soon after its window's end it was built
+    expiry_bands: ExpiryBands = Some("1d=1h,4d=18h,*=7d"), required(parse_expiry_bands);
+    /// background (first query answered by the original) or wait (first query waits for the build)
+    build: BuildPolicy = Some("background"), required(parse_enum);
+    /// With build=wait: longest a query waits for its windows
+    build_wait_timeout: Duration = Some("30s"), required(parse_duration);
+    /// Longest a single build statement may run
+    build_timeout: Duration = Some("15m"), required(parse_duration);
+    /// A pending job whose lease is older than this is taken over by another proxy
+    lease_duration: Duration = Some("2m"), required(parse_duration);
+    /// After a failed build, how long its windows are left alone before a query retries them
+    build_retry_after: Duration = Some("1m"), required(parse_duration);
+    /// Builds running at once in this process
+    max_concurrent_builds: usize = Some("2"), required(parse_positive);
+    /// Builds waiting for a slot in this process; a query that would queue more passes through (build_queue_full)
+    max_queued_builds: usize = Some("32"), required(parse_positive);
+    /// Job lookups cached in memory (entries)
+    job_cache_capacity: u64 = Some("10000"), required(parse_positive);
+    /// How long a cached job lookup is trusted before it is read again
+    job_cache_ttl: Duration = Some("30s"), required(parse_duration);
+    /// Keep preaggregates per ClickHouse user (the user joins the query hash)
+    jobs_per_user: bool = Some("false"), required(parse_bool);
+    /// CPU-time budget for analyzing one query; slower analysis passes the query through
+    max_parse_time: Duration = Some("50ms"), required(parse_duration);
+    /// Share of matching queries compared in shadow mode (0.0 to 1.0)
+    shadow_sample_rate: f64 = Some("1.0"), required(parse_share);
+    /// Shadow comparisons running at once
+    shadow_concurrency: usize = Some("2"), required(parse_positive);
+    /// Shadow comparisons waiting; more are dropped and counted
+    shadow_queue: usize = Some("64"), required(parse_positive);
+    /// Also run the original twice to measure original-vs-original noise
+    shadow_noise: bool = Some("false"), required(parse_bool);
+    /// Relative tolerance when comparing floats in shadow mode
+    shadow_float_tolerance: f64 = Some("1e-9"), required(parse_tolerance);
+    /// Longest a shadow comparison may run
+    shadow_timeout: Duration = Some("120s"), required(parse_duration);
+    /// Mismatch samples kept in the job store
+    shadow_samples: usize = Some("100"), required(parse_positive);
+    /// Address of the admin API, status page and /metrics
+    admin_listen: SocketAddr = Some("127.0.0.1:8125"), required(parse_addr);
+    /// Bearer token required by the admin API (unset: no token required)
+    admin_token: Secret = None, secret;
+}
 
 /// Where a configuration value came from; errors name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,101 +339,6 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// The effective, typed configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Proxy listen address.
-    pub listen: SocketAddr,
-    /// The certificate the client listener presents; `None`: plain HTTP.
-    pub listen_tls: Option<ListenerCert>,
-    /// How long a client may take none of an answer.
-    pub client_send_timeout: Duration,
-    /// How long a client may send none of a query body the proxy reads.
-    pub client_receive_timeout: Duration,
-    /// ClickHouse endpoint that receives forwarded queries.
-    pub upstream: Endpoint,
-    /// Job store URL.
-    pub store: String,
-    /// Job store wait bound.
-    pub store_timeout: Duration,
-    /// Rule directory.
-    pub rules: PathBuf,
-    /// Rewrite mode.
-    pub mode: Mode,
-    /// Log format.
-    pub log_format: LogFormat,
-    /// tracing filter directives.
-    pub log_filter: String,
-    /// Request body cap.
-    pub max_body_bytes: usize,
-    /// Upstream connect timeout.
-    pub connect_timeout: Duration,
-    /// Upstream response-header timeout.
-    pub upstream_timeout: Duration,
-    /// Drain deadline on shutdown.
-    pub shutdown_grace: Duration,
-    /// Threads serving client connections.
-    pub workers: usize,
-    /// Endpoint for the proxy's own statements.
-    pub clickhouse_url: Endpoint,
-    /// The authorities `https://` endpoints must chain to.
-    pub tls: ClientTls,
-    /// User for the proxy's own statements.
-    pub clickhouse_user: String,
-    /// Password for the proxy's own statements.
-    pub clickhouse_password: Secret,
-    /// Database of the preaggregated tables.
-    pub preagg_database: String,
-    /// Cluster name for cluster mode.
-    pub cluster: Option<String>,
-    /// Sealing delay.
-    pub seal_after: Duration,
-    /// Expiry buffer.
-    pub expiry_buffer: Duration,
-    /// Job lifetimes.
-    pub expiry_bands: ExpiryBands,
-    /// Build policy.
-    pub build: BuildPolicy,
-    /// Wait bound with `build = wait`.
-    pub build_wait_timeout: Duration,
-    /// Build statement timeout.
-    pub build_timeout: Duration,
-    /// Lease length of a pending job.
-    pub lease_duration: Duration,
-    /// Pause before retrying windows whose build failed.
-    pub build_retry_after: Duration,
-    /// Concurrent builds.
-    pub max_concurrent_builds: usize,
-    /// Builds waiting for one of the `max_concurrent_builds` slots; beyond it none is started.
-    pub max_queued_builds: usize,
-    /// Job cache size.
-    pub job_cache_capacity: u64,
-    /// Job cache TTL.
-    pub job_cache_ttl: Duration,
-    /// Per-user preaggregates.
-    pub jobs_per_user: bool,
-    /// Analysis time budget per query.
-    pub max_parse_time: Duration,
-    /// Shadow sampling share.
-    pub shadow_sample_rate: f64,
-    /// Shadow concurrency.
-    pub shadow_concurrency: usize,
-    /// Shadow queue length.
-    pub shadow_queue: usize,
-    /// Shadow noise measurement.
-    pub shadow_noise: bool,
-    /// Shadow float tolerance.
-    pub shadow_float_tolerance: f64,
-    /// Shadow comparison timeout.
-    pub shadow_timeout: Duration,
-    /// Mismatch samples kept.
-    pub shadow_samples: usize,
-    /// Admin listener.
-    pub admin_listen: SocketAddr,
-    /// Admin bearer token.
-    pub admin_token: Secret,
-}
-
 /// Merged raw values: key -> (text, source).
 struct Merged {
     values: BTreeMap<&'static str, (String, Source)>,
@@ -415,50 +349,142 @@ impl Merged {
         self.values.get(key).map(|(v, s)| (v.as_str(), *s))
     }
 
-    fn parse<T>(&self, key: &'static str, parse: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
-        let (text, source) = self.get(key).ok_or_else(|| ConfigError::Invalid {
-            key,
-            env: env_name(key),
-            origin: Source::Default,
-            message: "a value is required".into(),
-        })?;
-        parse(text).map_err(|message| ConfigError::Invalid { key, env: env_name(key), origin: source, message })
-    }
-
-    /// The listener's certificate: `tls_cert_file` and `tls_key_file` together, or neither.
-    fn listener_cert(&self) -> Result<Option<ListenerCert>, ConfigError> {
-        let path = |s: &str| Ok(PathBuf::from(s));
-        match (self.optional("tls_cert_file", path)?, self.optional("tls_key_file", path)?) {
-            (None, None) => Ok(None),
-            (Some(cert), Some(key)) => ListenerCert::load(&cert, &key).map(Some).map_err(|error| {
-                let blamed = match &error {
-                    TlsError::Key { .. } => "tls_key_file",
-                    TlsError::Unreadable { path, .. } if *path == key => "tls_key_file",
-                    _ => "tls_cert_file",
-                };
-                self.invalid(blamed, error.to_string())
-            }),
-            (Some(_), None) => Err(self.invalid("tls_key_file", "a value is required with `tls_cert_file`".into())),
-            (None, Some(_)) => Err(self.invalid("tls_cert_file", "a value is required with `tls_key_file`".into())),
-        }
-    }
-
     /// The error for `key`, naming where its value came from.
     fn invalid(&self, key: &'static str, message: String) -> ConfigError {
         let origin = self.get(key).map_or(Source::Default, |(_, source)| source);
         ConfigError::Invalid { key, env: env_name(key), origin, message }
     }
+}
 
-    fn optional<T>(
-        &self,
-        key: &'static str,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<Option<T>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(("", _)) => Ok(None),
-            Some(_) => self.parse(key, parse).map(Some),
+/// How a key's value is read from the merged text: a key that always has a value (its default
+/// at least), parsed by `parse`.
+fn required<T>(parse: impl Fn(&str) -> Result<T, String>) -> impl Fn(&Merged, &'static str) -> Result<T, ConfigError> {
+    move |merged, key| {
+        let (text, _) = merged.get(key).ok_or_else(|| merged.invalid(key, "a value is required".into()))?;
+        parse(text).map_err(|message| merged.invalid(key, message))
+    }
+}
+
+/// A key that may be unset (or set empty), parsed by `parse` when set.
+fn optional<T>(
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> impl Fn(&Merged, &'static str) -> Result<Option<T>, ConfigError> {
+    move |merged, key| match merged.get(key) {
+        None | Some(("", _)) => Ok(None),
+        Some((text, _)) => parse(text).map(Some).map_err(|message| merged.invalid(key, message)),
+    }
+}
+
+/// `tls_cert_file`: the listener's certificate, loaded with `tls_key_file` (both or neither).
+fn listener_cert(merged: &Merged, _: &'static str) -> Result<Option<ListenerCert>, ConfigError> {
+    let cert = optional(parse_path)(merged, "tls_cert_file")?;
+    match (cert, optional(parse_path)(merged, "tls_key_file")?) {
+        (None, None) => Ok(None),
+        (Some(cert), Some(key)) => ListenerCert::load(&cert, &key).map(Some).map_err(|error| {
+            let blamed = match &error {
+                TlsError::Key { .. } => "tls_key_file",
+                TlsError::Unreadable { path, .. } if *path == key => "tls_key_file",
+                _ => "tls_cert_file",
+            };
+            merged.invalid(blamed, error.to_string())
+        }),
+        (Some(_), None) => Err(merged.invalid("tls_key_file", "a value is required with `tls_cert_file`".into())),
+        (None, Some(_)) => Err(merged.invalid("tls_cert_file", "a value is required with `tls_key_file`".into())),
+    }
+}
+
+/// `tls_ca_file`: the authorities `https://` endpoints must chain to (default: the web's roots).
+fn client_tls(merged: &Merged, key: &'static str) -> Result<ClientTls, ConfigError> {
+    let from_file = |s: &str| ClientTls::from_ca_file(Path::new(s)).map_err(|e| e.to_string());
+    Ok(optional(from_file)(merged, key)?.unwrap_or_default())
+}
+
+/// `workers`: as given, else one per CPU the process may use.
+fn workers(merged: &Merged, key: &'static str) -> Result<usize, ConfigError> {
+    Ok(optional(parse_positive)(merged, key)?.unwrap_or_else(default_workers))
+}
+
+/// A credential key.
+fn secret(merged: &Merged, key: &'static str) -> Result<Secret, ConfigError> {
+    optional(parse_text)(merged, key).map(Secret)
+}
+
+/// How a value appears in [`Config::redacted_lines`]; credentials never appear.
+trait Shown {
+    /// Whether the value is a credential (its flag hides the environment's value too).
+    const SECRET: bool = false;
+
+    /// The value as logged.
+    fn shown(&self) -> String;
+}
+
+/// Values shown as they print.
+macro_rules! shown_by_display {
+    ($($ty:ty),+) => {$(impl Shown for $ty {
+        fn shown(&self) -> String {
+            self.to_string()
         }
+    })+};
+}
+
+/// Values shown by their `Debug` form (durations, enums).
+macro_rules! shown_by_debug {
+    ($($ty:ty),+) => {$(impl Shown for $ty {
+        fn shown(&self) -> String {
+            format!("{self:?}")
+        }
+    })+};
+}
+
+shown_by_display!(SocketAddr, String, usize, u64, bool, f64, ClientTls);
+shown_by_debug!(Duration, Mode, LogFormat, BuildPolicy, ExpiryBands);
+
+impl<T: Shown> Shown for Option<T> {
+    fn shown(&self) -> String {
+        self.as_ref().map_or_else(|| "(none)".to_string(), Shown::shown)
+    }
+}
+
+impl Shown for PathBuf {
+    fn shown(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl Shown for Endpoint {
+    fn shown(&self) -> String {
+        self.redacted()
+    }
+}
+
+impl Shown for ListenerCert {
+    fn shown(&self) -> String {
+        self.describe_chain()
+    }
+}
+
+impl Shown for Secret {
+    const SECRET: bool = true;
+
+    fn shown(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// A job store URL; its password is never shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreUrl(String);
+
+impl StoreUrl {
+    /// The URL, for connecting.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Shown for StoreUrl {
+    fn shown(&self) -> String {
+        redact_url_password(&self.0)
     }
 }
 
@@ -481,116 +507,9 @@ impl Config {
         Config::from_merged(&Merged { values })
     }
 
-    fn from_merged(m: &Merged) -> Result<Config, ConfigError> {
-        let upstream = m.parse("upstream", parse_endpoint)?;
-        let clickhouse_url = m.optional("clickhouse_url", parse_endpoint)?.unwrap_or_else(|| upstream.clone());
-        Ok(Config {
-            listen: m.parse("listen", parse_addr)?,
-            listen_tls: m.listener_cert()?,
-            client_send_timeout: m.parse("client_send_timeout", parse_positive_duration)?,
-            client_receive_timeout: m.parse("client_receive_timeout", parse_positive_duration)?,
-            upstream,
-            store: m.parse("store", parse_store)?,
-            store_timeout: m.parse("store_timeout", parse_duration)?,
-            rules: m.parse("rules", |s| Ok(PathBuf::from(s)))?,
-            mode: m.parse("mode", parse_enum)?,
-            log_format: m.parse("log_format", parse_enum)?,
-            log_filter: m.parse("log_filter", |s| Ok(s.to_string()))?,
-            max_body_bytes: m.parse("max_body_bytes", parse_positive)?,
-            connect_timeout: m.parse("connect_timeout", parse_duration)?,
-            upstream_timeout: m.parse("upstream_timeout", parse_duration)?,
-            shutdown_grace: m.parse("shutdown_grace", parse_duration)?,
-            workers: m.optional("workers", parse_positive)?.unwrap_or_else(default_workers),
-            clickhouse_url,
-            tls: m
-                .optional("tls_ca_file", |s| ClientTls::from_ca_file(Path::new(s)).map_err(|e| e.to_string()))?
-                .unwrap_or_default(),
-            clickhouse_user: m.parse("clickhouse_user", |s| Ok(s.to_string()))?,
-            clickhouse_password: Secret(m.optional("clickhouse_password", |s| Ok(s.to_string()))?),
-            preagg_database: m.parse("preagg_database", parse_identifier)?,
-            cluster: m.optional("cluster", parse_identifier)?,
-            seal_after: m.parse("seal_after", parse_duration)?,
-            expiry_buffer: m.parse("expiry_buffer", parse_duration)?,
-            expiry_bands: m.parse("expiry_bands", parse_expiry_bands)?,
-            build: m.parse("build", parse_enum)?,
-            build_wait_timeout: m.parse("build_wait_timeout", parse_duration)?,
-            build_timeout: m.parse("build_timeout", parse_duration)?,
-            lease_duration: m.parse("lease_duration", parse_duration)?,
-            build_retry_after: m.parse("build_retry_after", parse_duration)?,
-            max_concurrent_builds: m.parse("max_concurrent_builds", parse_positive)?,
-            max_queued_builds: m.parse("max_queued_builds", parse_positive)?,
-            job_cache_capacity: m.parse("job_cache_capacity", parse_positive::<u64>)?,
-            job_cache_ttl: m.parse("job_cache_ttl", parse_duration)?,
-            jobs_per_user: m.parse("jobs_per_user", parse_bool)?,
-            max_parse_time: m.parse("max_parse_time", parse_duration)?,
-            shadow_sample_rate: m.parse("shadow_sample_rate", parse_share)?,
-            shadow_concurrency: m.parse("shadow_concurrency", parse_positive)?,
-            shadow_queue: m.parse("shadow_queue", parse_positive)?,
-            shadow_noise: m.parse("shadow_noise", parse_bool)?,
-            shadow_float_tolerance: m.parse("shadow_float_tolerance", parse_tolerance)?,
-            shadow_timeout: m.parse("shadow_timeout", parse_duration)?,
-            shadow_samples: m.parse("shadow_samples", parse_positive)?,
-            admin_listen: m.parse("admin_listen", parse_addr)?,
-            admin_token: Secret(m.optional("admin_token", |s| Ok(s.to_string()))?),
-        })
-    }
-
-    /// The effective configuration as `key = value` lines, credentials redacted.
-    pub fn redacted_lines(&self) -> Vec<String> {
-        let store = redact_url_password(&self.store);
-        vec![
-            format!("listen = {}", self.listen),
-            format!(
-                "tls_cert_file = {}",
-                self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::describe_chain)
-            ),
-            format!(
-                "tls_key_file = {}",
-                self.listen_tls.as_ref().map_or("(none)".to_string(), ListenerCert::describe_key_file)
-            ),
-            format!("client_send_timeout = {:?}", self.client_send_timeout),
-            format!("client_receive_timeout = {:?}", self.client_receive_timeout),
-            format!("upstream = {}", self.upstream.redacted()),
-            format!("store = {store}"),
-            format!("store_timeout = {:?}", self.store_timeout),
-            format!("rules = {}", self.rules.display()),
-            format!("mode = {:?}", self.mode),
-            format!("log_format = {:?}", self.log_format),
-            format!("max_body_bytes = {}", self.max_body_bytes),
-            format!("connect_timeout = {:?}", self.connect_timeout),
-            format!("upstream_timeout = {:?}", self.upstream_timeout),
-            format!("shutdown_grace = {:?}", self.shutdown_grace),
-            format!("workers = {}", self.workers),
-            format!("clickhouse_url = {}", self.clickhouse_url.redacted()),
-            format!("tls_ca_file = {}", self.tls),
-            format!("clickhouse_user = {}", self.clickhouse_user),
-            format!("clickhouse_password = {:?}", self.clickhouse_password),
-            format!("preagg_database = {}", self.preagg_database),
-            format!("cluster = {}", self.cluster.as_deref().unwrap_or("(none)")),
-            format!("seal_after = {:?}", self.seal_after),
-            format!("expiry_buffer = {:?}", self.expiry_buffer),
-            format!("expiry_bands = {:?}", self.expiry_bands),
-            format!("build = {:?}", self.build),
-            format!("build_wait_timeout = {:?}", self.build_wait_timeout),
-            format!("build_timeout = {:?}", self.build_timeout),
-            format!("lease_duration = {:?}", self.lease_duration),
-            format!("build_retry_after = {:?}", self.build_retry_after),
-            format!("max_concurrent_builds = {}", self.max_concurrent_builds),
-            format!("max_queued_builds = {}", self.max_queued_builds),
-            format!("job_cache_capacity = {}", self.job_cache_capacity),
-            format!("job_cache_ttl = {:?}", self.job_cache_ttl),
-            format!("jobs_per_user = {}", self.jobs_per_user),
-            format!("max_parse_time = {:?}", self.max_parse_time),
-            format!("shadow_sample_rate = {}", self.shadow_sample_rate),
-            format!("shadow_concurrency = {}", self.shadow_concurrency),
-            format!("shadow_queue = {}", self.shadow_queue),
-            format!("shadow_noise = {}", self.shadow_noise),
-            format!("shadow_float_tolerance = {}", self.shadow_float_tolerance),
-            format!("shadow_timeout = {:?}", self.shadow_timeout),
-            format!("shadow_samples = {}", self.shadow_samples),
-            format!("admin_listen = {}", self.admin_listen),
-            format!("admin_token = {:?}", self.admin_token),
-        ]
+    /// The endpoint of the proxy's own statements: `clickhouse_url`, else `upstream`.
+    pub fn clickhouse_endpoint(&self) -> &Endpoint {
+        self.clickhouse_url.as_ref().unwrap_or(&self.upstream)
     }
 }
 
@@ -662,9 +581,17 @@ fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
     T::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| format!("`{s}`: {e}"))
 }
 
-fn parse_store(s: &str) -> Result<String, String> {
+fn parse_text(s: &str) -> Result<String, String> {
+    Ok(s.to_string())
+}
+
+fn parse_path(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
+fn parse_store(s: &str) -> Result<StoreUrl, String> {
     if s.starts_with("sqlite:") || s.starts_with("postgres://") || s.starts_with("postgresql://") {
-        Ok(s.to_string())
+        Ok(StoreUrl(s.to_string()))
     } else {
         Err(format!("`{}` must be sqlite://PATH or postgres://...", redact_url_password(s)))
     }
@@ -756,12 +683,28 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_file_loads_and_says_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("preagg-proxy.example.toml");
+        let from_example = Config::load(&SettingsArgs::default(), Some(&example)).unwrap();
+        let defaults = Config::load(&SettingsArgs::default(), None).unwrap();
+        assert_eq!(from_example.redacted_lines(), defaults.redacted_lines());
+    }
+
+    #[test]
+    fn help_lines_are_the_doc_comments_without_their_leading_space() {
+        let listen = KEYS.iter().find(|k| k.name == "listen").unwrap();
+        assert_eq!(listen.help, "Address the proxy listens on for ClickHouse HTTP clients");
+        assert!(KEYS.iter().all(|k| !k.help.starts_with(' ') && !k.help.is_empty()));
+        assert!(KEYS.iter().filter(|k| k.secret).map(|k| k.name).eq(["clickhouse_password", "admin_token"]));
+    }
+
+    #[test]
     fn defaults_load() {
         let c = Config::load(&SettingsArgs::default(), None).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8124");
         assert_eq!(c.mode, Mode::Rewrite);
         assert_eq!(c.seal_after, Duration::from_secs(7200));
-        assert_eq!(c.clickhouse_url, c.upstream);
+        assert_eq!(c.clickhouse_endpoint(), &c.upstream);
     }
 
     #[test]
@@ -815,7 +758,7 @@ mod tests {
         let (cert, key, other_key) = (text(cert), text(key), text(other_key));
 
         let c = Config::load(&args(&[("tls_cert_file", &cert), ("tls_key_file", &key)]), None).unwrap();
-        assert!(c.listen_tls.is_some());
+        assert!(c.tls_cert_file.is_some());
         assert!(c.redacted_lines().contains(&format!("tls_cert_file = {cert} (1 certificate)")));
         assert!(c.redacted_lines().contains(&format!("tls_key_file = {key}")));
 
@@ -829,7 +772,7 @@ mod tests {
         assert!(err.to_string().contains("`tls_cert_file`"), "the certificate is blamed: {err}");
 
         let c = Config::load(&args(&[]), None).unwrap();
-        assert!(c.listen_tls.is_none());
+        assert!(c.tls_cert_file.is_none());
         assert!(c.redacted_lines().contains(&"tls_cert_file = (none)".to_string()));
     }
 

@@ -182,7 +182,7 @@ fn run_jobs(action: JobsAction, config_file: Option<PathBuf>, settings: Settings
     let config = Config::load(&settings, config_file.as_deref())?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let store = Store::connect(&config.store, config.store_timeout).await?;
+        let store = Store::connect(config.store.as_str(), config.store_timeout).await?;
         match action {
             JobsAction::List { team, hash, limit } => {
                 let filter = JobFilter { team_id: team, query_hash: hash, limit };

@@ -80,7 +80,7 @@ impl Proxy {
         Proxy {
             upstream: Upstream::new(
                 config.upstream.clone(),
-                &config.tls,
+                &config.tls_ca_file,
                 config.connect_timeout,
                 config.upstream_timeout,
             ),

@@ -172,7 +172,7 @@ impl Shadow {
         let worker = Arc::new(Worker {
             upstream: Upstream::new(
                 config.upstream.clone(),
-                &config.tls,
+                &config.tls_ca_file,
                 config.connect_timeout,
                 config.shadow_timeout,
             ),

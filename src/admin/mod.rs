@@ -116,7 +116,7 @@ impl Admin {
             metrics,
             upstream: Upstream::new(
                 config.upstream.clone(),
-                &config.tls,
+                &config.tls_ca_file,
                 config.connect_timeout,
                 config.connect_timeout,
             ),

@@ -119,9 +119,9 @@ impl ClickHouse {
     pub fn new(config: &Config) -> ClickHouse {
         let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(config.tls.connector(config.connect_timeout));
+            .build(config.tls_ca_file.connector(config.connect_timeout));
         let mut client = clickhouse::Client::with_http_client(http)
-            .with_url(config.clickhouse_url.base_url())
+            .with_url(config.clickhouse_endpoint().base_url())
             .with_user(&config.clickhouse_user)
             // The proxy's statements carry little data; plain HTTP works with every server.
             .with_compression(clickhouse::Compression::None)
