@@ -23,7 +23,7 @@ import re, sys, yaml
 
 compose = yaml.safe_load(open("deploy/compose.yaml"))
 config_rs = open("src/config.rs").read()
-keys = {f"PREAGG_{k.upper()}" for k in re.findall(r'\b(?:key|secret)\(\s*"([a-z0-9_]+)"', config_rs)}
+keys = {f"PREAGG_{k.upper()}" for k in re.findall(r'^    ([a-z0-9_]+): .+ = (?:None|Some\()', config_rs, re.M)}
 if len(keys) < 10:
     sys.exit(f"check-compose: found only {len(keys)} keys in src/config.rs; has KEYS moved?")
 problems = []

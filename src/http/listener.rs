@@ -140,7 +140,7 @@ async fn serve_connection<H, F, B>(
     // Closed between requests, so that a TLS client gets its close_notify: at once, also with a
     // head begun and never finished; a request that slipped in meanwhile is answered first. What
     // is left to wait for is bounded: the answer's writes by the send timeout, the close by
-    // h1_server's linger time.
+    // the server's linger time (http/server.rs).
     close.cancel();
     connection.await;
 }
