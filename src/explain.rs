@@ -180,13 +180,12 @@ pub fn explain(request: &Request) -> Explanation {
 
 fn explain_occurrence(request: &Request, found: &Found, target: &Target) -> (OccurrenceView, Plan) {
     let occ = &found.occurrence;
-    let sealed: Vec<Window> = plan::grid(occ.range.0, occ.range.1)
-        .into_iter()
-        .filter(|w| w.end <= request.now - request.seal_after)
-        .collect();
+    // Every window the engine would build, assumed built: the sealed windows of the grid, and the
+    // sealed hours of a day that is not sealed whole.
+    let to_build = plan::plan(occ.range, &[], request.now, request.seal_after).missing;
     // Placeholder jobs: their confirmed row counts are unknown here, so the guard shows 0.
     let ready: Vec<ReadyJob> =
-        sealed.iter().map(|w| ReadyJob { id: placeholder_job(w), window: *w, rows: 0 }).collect();
+        to_build.iter().map(|w| ReadyJob { id: placeholder_job(w), window: *w, rows: 0 }).collect();
     let plan = plan::plan(occ.range, &ready, request.now, request.seal_after);
     let mut windows: Vec<WindowView> = plan
         .served
@@ -198,7 +197,7 @@ fn explain_occurrence(request: &Request, found: &Found, target: &Target) -> (Occ
         end: time(w.end),
         status: "unsealed",
     }));
-    let builds: Vec<BuildWindow> = sealed
+    let builds: Vec<BuildWindow> = to_build
         .iter()
         .map(|w| BuildWindow { window: *w, job_id: placeholder_job(w), expires_at: request.now })
         .collect();
@@ -264,4 +263,38 @@ pub fn render_text(e: &Explanation) -> String {
         let _ = writeln!(out, "\nrewritten sql:\n{sql}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::sql::rule::shipped_rules;
+
+    const RUNNING: &str = "SELECT person_id AS entity_id, min(timestamp) AS first_exposure_time FROM events \
+        WHERE event = '$feature_flag_called' AND timestamp >= '2026-01-01' AND timestamp < '2026-01-20 00:30:00' \
+        GROUP BY person_id";
+
+    #[test]
+    fn a_running_range_serves_the_sealed_hours_of_its_last_day_as_the_engine_builds_them() {
+        let rules: Vec<Arc<Rule>> = shipped_rules().into_iter().map(Arc::new).collect();
+        let request = Request {
+            text: RUNNING,
+            rules: &rules,
+            context: Context::default(),
+            now: 1_768_869_000_000_000, // 2026-01-20 00:30 UTC
+            seal_after: 2 * plan::HOUR,
+            preagg_database: "default".into(),
+            cluster: false,
+            budget: std::time::Duration::from_secs(5),
+        };
+        let explanation = explain(&request);
+        let occurrence = &explanation.occurrence[0];
+        let raw: Vec<(&str, &str)> = occurrence.raw_ranges.iter().map(|w| (w.start.as_str(), w.end.as_str())).collect();
+        assert_eq!(raw, [("2026-01-19 22:00:00.000000", "2026-01-20 00:30:00.000000")]);
+        let served_hours =
+            occurrence.windows.iter().filter(|w| w.status == "served" && w.start.starts_with("2026-01-19")).count();
+        assert_eq!(served_hours, 22, "hours 00 to 21 of the last day are sealed, built and served");
+    }
 }
