@@ -1,9 +1,13 @@
-//! Criterion benchmarks of the pure SQL path: the cost of analysing and rewriting each corpus
-//! query, and of dismissing a query that is not an experiment query.
+//! Criterion benchmarks of the pure SQL path: the cost of analysing and rewriting each query (the
+//! project's own in PostHog's shapes, and PostHog's corpus when it is present), and of dismissing
+//! a query that is not an experiment query.
 //!
 //! Run: `cargo bench --bench sql` (figures in the README).
 
-use std::path::{Path, PathBuf};
+#[path = "../tests/common/corpus.rs"]
+mod corpus;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,33 +20,21 @@ use preagg_proxy::sql::splice::{self, Edit};
 use preagg_proxy::sql::window::ReadyJob;
 use preagg_proxy::sql::{self, Context};
 
-fn corpus() -> Vec<(String, String)> {
-    let dir = std::env::var_os("PREAGG_CORPUS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus/posthog"));
-    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
-        .expect("corpus directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-        .map(|p| {
-            let text = std::fs::read_to_string(&p)
-                .expect("corpus file")
-                .replace("toDateTime64('today', 6, 'UTC')", "toDateTime64('2020-01-01 09:57:00.000000', 6, 'UTC')")
-                .replace(
-                    "toDateTime64('explicit_redacted_timestamp', 6, 'UTC')",
-                    "toDateTime64('2020-01-15 14:30:00.000000', 6, 'UTC')",
-                );
-            (p.file_stem().unwrap_or_default().to_string_lossy().into_owned(), text)
-        })
-        .collect();
-    files.sort();
-    files
+/// The queries measured: the project's own in PostHog's shapes (`shapes/<name>`), and PostHog's
+/// corpus by file name when it is present, redactions replaced.
+fn queries() -> Vec<(String, String)> {
+    let own = corpus::shapes().into_iter().map(|(name, text)| (format!("shapes/{name}"), text));
+    let posthog = corpus::posthog().unwrap_or_default().into_iter().map(|(name, text)| {
+        let text = corpus::unredacted(&text, corpus::START, corpus::END);
+        (name, text)
+    });
+    own.chain(posthog).map(|(name, text)| (name.trim_end_matches(".sql").to_string(), text)).collect()
 }
 
 /// Analysis plus a full rewrite with every window served: the request path's CPU work.
 fn analyze_and_rewrite(rules: &[Arc<Rule>], text: &str) -> usize {
     let Ok(analysis) = sql::analyze(rules, text, &Context::default(), Duration::from_secs(1)) else { return 0 };
-    let now = 1_580_515_200_000_000; // 2020-02-01
+    let now = 1_793_491_200_000_000; // 2026-11-01: every window of the own shapes and the corpus sealed
     let target =
         Target { database: "default".into(), table: "experiment_exposures_preaggregated".into(), cluster: false };
     let edits: Vec<Edit> = analysis
@@ -73,15 +65,16 @@ fn benches(c: &mut Criterion) {
         .into_iter()
         .map(Arc::new)
         .collect();
-    let files = corpus();
+    let files = queries();
     let mut group = c.benchmark_group("analyze_and_rewrite");
-    for (name, text) in files.iter().filter(|(n, _)| n.starts_with('0')) {
+    let other = |name: &str| name.trim_start_matches("shapes/").starts_with("other_");
+    for (name, text) in files.iter().filter(|(n, _)| !other(n)) {
         group.throughput(Throughput::Bytes(text.len() as u64));
         group.bench_function(name.as_str(), |b| b.iter(|| analyze_and_rewrite(&rules, std::hint::black_box(text))));
     }
     group.finish();
     let mut group = c.benchmark_group("dismiss_non_experiment");
-    for (name, text) in files.iter().filter(|(n, _)| n.starts_with("other_")) {
+    for (name, text) in files.iter().filter(|(n, _)| other(n)) {
         group.throughput(Throughput::Bytes(text.len() as u64));
         group.bench_function(format!("prefilter/{name}"), |b| {
             b.iter(|| sql::prefilter(&rules, std::hint::black_box(text)).is_err())

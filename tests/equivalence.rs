@@ -2,6 +2,9 @@
 //! rows through the proxy equal the direct rows, cold (answered by the original while windows
 //! build) and warm (rewritten, which X-Preagg must confirm, or the test proves nothing).
 //!
+//! The forms are the project's own queries in PostHog's shapes and variants of them; the same
+//! checks run over PostHog's corpus (01-04) when it is present (`corpus_*`).
+//!
 //! Data: the seeded generator plus edge rows on the bounds. The seed is random per run (printed);
 //! set PREAGG_TEST_SEED to replay one, and PREAGG_EQUIVALENCE_ROUNDS for a longer randomized run
 //! (`scripts/long-equivalence.sh`).
@@ -11,7 +14,8 @@ mod common;
 use std::time::Duration;
 
 use common::equivalence::{
-    Answer, Form, answer, edge_rows, exec, forms, run, same_rows, shift, until_rewritten, until_rewritten_by,
+    Answer, Form, answer, corpus_forms, edge_rows, exec, forms, passthrough_forms, run, same_rows, shift,
+    until_rewritten, until_rewritten_by,
 };
 use common::{ChServer, ProxyProcess, client};
 
@@ -56,28 +60,55 @@ async fn check(server: &ChServer, proxy: &ProxyProcess, form: &Form, lo: &str, h
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_form_returns_the_direct_rows_cold_and_warm() {
+/// Ranges with exposures exactly on their bounds and one microsecond either side ([`edge_rows`]).
+const EDGE_RANGES: [(&str, &str); 3] = [
+    ("2026-10-03 07:15:00.250000", "2026-10-10 16:40:00.000000"),
+    ("2026-10-01 00:00:00.000000", "2026-10-08 00:00:00.000000"),
+    ("2026-10-02 13:00:00.000000", "2026-10-02 20:30:00.000000"),
+];
+
+/// A server with seeded data (the seed printed) plus the edge rows of [`EDGE_RANGES`], and a
+/// proxy in front of it.
+fn edge_server() -> (ChServer, ProxyProcess) {
     let seed = seed();
     eprintln!("equivalence seed: {seed} (replay with PREAGG_TEST_SEED={seed})");
     let server = ChServer::start();
     server.generate(&["--events", "150000", "--seed", &seed.to_string(), "--start", "2026-10-01", "--days", "14"]);
-    let ranges = [
-        ("2026-10-03 07:15:00.250000", "2026-10-10 16:40:00.000000"),
-        ("2026-10-01 00:00:00.000000", "2026-10-08 00:00:00.000000"),
-        ("2026-10-02 13:00:00.000000", "2026-10-02 20:30:00.000000"),
-    ];
-    exec(&server.url(), &edge_rows(TEAM, FLAG, &ranges));
+    exec(&server.url(), &edge_rows(TEAM, FLAG, &EDGE_RANGES));
     let proxy = ProxyProcess::start(&server.url(), &[]);
     proxy.wait_engine_ready();
-    for form in forms(TEAM, FLAG) {
-        for (lo, hi) in ranges {
-            check(&server, &proxy, &form, lo, hi, true).await;
+    (server, proxy)
+}
+
+/// Checks every form over every edge range: rewritten once warm, the direct rows throughout.
+async fn every_form_over_the_edge_ranges(server: &ChServer, proxy: &ProxyProcess, forms: &[Form]) {
+    for form in forms {
+        for (lo, hi) in EDGE_RANGES {
+            check(server, proxy, form, lo, hi, true).await;
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_form_returns_the_direct_rows_cold_and_warm() {
+    let (server, proxy) = edge_server();
+    every_form_over_the_edge_ranges(&server, &proxy, &forms(TEAM, FLAG)).await;
+    // Queries that are no experiment queries pass through, with the direct rows.
+    let (lo, hi) = EDGE_RANGES[0];
+    for form in passthrough_forms(TEAM) {
+        check(&server, &proxy, &form, lo, hi, false).await;
     }
     // A range too short to hold a whole hour window stays untouched.
     let form = &forms(TEAM, FLAG)[0];
     check(&server, &proxy, form, "2026-10-05 23:59:59.999999", "2026-10-06 00:59:59.000000", false).await;
+}
+
+/// The same over PostHog's corpus (01-04), when it is present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corpus_forms_return_the_direct_rows_cold_and_warm() {
+    let Some(forms) = corpus_forms() else { return };
+    let (server, proxy) = edge_server();
+    every_form_over_the_edge_ranges(&server, &proxy, &forms).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,7 +46,7 @@ static SERVER: LazyLock<ChServer> = LazyLock::new(|| {
     server
 });
 
-/// The experiment query (corpus 01: mean metric, exposures inlined) over the test range.
+/// The experiment query (the own mean metric shape, exposures inlined) over the test range.
 fn query() -> String {
     forms(99999, "test-experiment").remove(0).query(LO, HI)
 }

@@ -1,5 +1,6 @@
-//! Fuzzing locate and match: arbitrary text and mutated corpus queries never panic and stay within
-//! the analysis time budget. (Runs in the normal suite; raise PROPTEST_CASES for longer runs.)
+//! Fuzzing locate and match: arbitrary text and mutated queries (the project's own in PostHog's
+//! shapes, and PostHog's corpus when it is present) never panic and stay within the analysis time
+//! budget. (Runs in the normal suite; raise PROPTEST_CASES for longer runs.)
 
 #[path = "common/corpus.rs"]
 mod corpus;
@@ -103,11 +104,32 @@ proptest! {
     }
 
     #[test]
-    fn mutated_corpus_queries_never_panic(file in 0usize..6, mutations in proptest::collection::vec(mutation(), 1..6)) {
-        let files: Vec<_> = corpus::files().into_iter().filter(|(n, _)| n.starts_with('0')).collect();
-        let (_, text) = &files[file % files.len()];
-        let text = corpus::unredacted(text, corpus::START, corpus::END);
-        check(&rules(), &apply(&text, &mutations))?;
+    fn mutated_own_queries_never_panic((file, mutations) in mutated()) {
+        let shapes = corpus::shapes();
+        check(&rules(), &apply(&shapes[file.index(shapes.len())].1, &mutations))?;
+    }
+}
+
+/// A file (by index) and the mutations applied to it.
+fn mutated() -> impl Strategy<Value = (proptest::sample::Index, Vec<Mutation>)> {
+    (any::<proptest::sample::Index>(), proptest::collection::vec(mutation(), 1..6))
+}
+
+/// Mutations of every query of PostHog's corpus (redactions replaced).
+#[test]
+fn mutated_corpus_queries_never_panic() {
+    let Some(files) = corpus::posthog() else { return };
+    let texts: Vec<String> = files.iter().map(|(_, t)| corpus::unredacted(t, corpus::START, corpus::END)).collect();
+    let rules = rules();
+    let mut runner =
+        proptest::test_runner::TestRunner::new(proptest::test_runner::contextualize_config(ProptestConfig {
+            cases: 256,
+            ..ProptestConfig::default()
+        }));
+    let result =
+        runner.run(&mutated(), |(file, mutations)| check(&rules, &apply(&texts[file.index(texts.len())], &mutations)));
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
 

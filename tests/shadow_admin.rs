@@ -32,7 +32,7 @@ static SERVER: LazyLock<ChServer> = LazyLock::new(|| {
     server
 });
 
-/// The first form (corpus 01, mean metric with the exposures inlined) over the test range.
+/// The first form (the own mean metric shape, exposures inlined) over the test range.
 fn query() -> String {
     forms(TEAM, FLAG).remove(0).query(LO, HI)
 }

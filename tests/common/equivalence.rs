@@ -7,7 +7,7 @@ use super::{client, corpus, root};
 /// A query form with `{LO}`/`{HI}` bound placeholders (`YYYY-MM-DD hh:mm:ss.ffffff`, UTC).
 pub struct Form {
     /// Name for messages.
-    pub name: &'static str,
+    pub name: String,
     /// Text with placeholders.
     pub template: String,
     /// Occurrences the proxy must rewrite once warm.
@@ -25,24 +25,66 @@ impl Form {
     }
 }
 
-fn corpus_template(prefix: &str) -> String {
-    let (_, text) = corpus::files().into_iter().find(|(n, _)| n.starts_with(prefix)).unwrap();
-    corpus::unredacted(&text, "{LO}", "{HI}")
+/// An own shape (`fixtures/shapes/`) as a template: its team and flag replaced by `team` and
+/// `flag`, its bounds by the `{LO}`/`{HI}` placeholders (the retention shape's whole seconds become
+/// `toDateTime64` with microseconds, as the ranges need).
+fn shape_template(prefix: &str, team: i64, flag: &str) -> String {
+    use corpus::own;
+    let seconds = |instant: &str| format!("toDateTime('{instant}', 'UTC')");
+    corpus::shape(prefix)
+        .replace(own::START, "{LO}")
+        .replace(own::END, "{HI}")
+        .replace(&seconds(own::START_SECONDS), "toDateTime64('{LO}', 6, 'UTC')")
+        .replace(&seconds(own::END_SECONDS), "toDateTime64('{HI}', 6, 'UTC')")
+        .replace(own::TEAM, &team.to_string())
+        .replace(own::FLAG, &format!("'{flag}'"))
 }
 
-/// Every supported form, as PostHog prints them and as variants of them.
-pub fn forms(team: i64, flag: &str) -> Vec<Form> {
-    let retention = corpus_template("04_")
+/// An experiment form from an own shape; every bound of it must have become a placeholder.
+fn shape_form(name: &str, prefix: &str, occurrences: usize, team: i64, flag: &str) -> Form {
+    let template = shape_template(prefix, team, flag);
+    assert!(template.contains("{LO}") && template.contains("{HI}"), "{name}");
+    for constant in [corpus::own::START, corpus::own::END, corpus::own::START_SECONDS, corpus::own::END_SECONDS] {
+        assert!(!template.contains(constant), "{name}: {constant} left in the template");
+    }
+    Form { name: name.into(), template, occurrences }
+}
+
+/// The own shapes that are no experiment queries (`other_*`): they must pass through.
+pub fn passthrough_forms(team: i64) -> Vec<Form> {
+    corpus::shapes()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("other_"))
+        .map(|(name, _)| Form { template: shape_template(&name, team, ""), name, occurrences: 0 })
+        .collect()
+}
+
+/// PostHog's corpus 01-04 (team 99999, flag `test-experiment`) as forms, when the corpus is
+/// present (see [`corpus::posthog`]).
+pub fn corpus_forms() -> Option<Vec<Form>> {
+    let files = corpus::posthog()?;
+    let template = |prefix| corpus::unredacted(&corpus::find(&files, prefix), "{LO}", "{HI}");
+    let retention = template("04_")
         .replace("2020-01-01 12:00:00", "{LO}")
         .replace("2020-01-15 12:00:00", "{HI}")
         .replace("toDateTime('{LO}', 'UTC')", "toDateTime64('{LO}', 6, 'UTC')")
         .replace("toDateTime('{HI}', 'UTC')", "toDateTime64('{HI}', 6, 'UTC')");
     // The funnel metric calls PostHog's aggregate_funnel_array UDF, which chdb has not: keep the
     // query's structure (exposures inlined plus the `exposure_data` copy) with a plain metric.
-    let funnel = corpus_template("03_");
+    let funnel = template("03_");
     let funnel_value_start = funnel.find("if(ifNull(greater(length(arrayFilter(").unwrap();
     let funnel_value_end = funnel[funnel_value_start..].find(" AS value").unwrap() + funnel_value_start;
     let funnel = format!("{}count(metric_events.uuid){}", &funnel[..funnel_value_start], &funnel[funnel_value_end..]);
+    Some(vec![
+        Form { name: "corpus 01 mean metric, inlined".into(), template: template("01_"), occurrences: 1 },
+        Form { name: "corpus 02 ratio metric, inlined twice".into(), template: template("02_"), occurrences: 2 },
+        Form { name: "corpus 03 funnel, exposures and exposure_data".into(), template: funnel, occurrences: 2 },
+        Form { name: "corpus 04 retention, CTE".into(), template: retention, occurrences: 1 },
+    ])
+}
+
+/// Every supported form: the project's own queries in PostHog's shapes, and variants of them.
+pub fn forms(team: i64, flag: &str) -> Vec<Form> {
     let standalone = std::fs::read_to_string(root().join("fixtures/standalone_exposures_with_settings_and_format.sql"))
         .unwrap()
         .replace("2026-10-03 07:15:00.000000", "{LO}")
@@ -81,14 +123,18 @@ pub fn forms(team: i64, flag: &str) -> Vec<Form> {
          GROUP BY variant"
     );
     vec![
-        Form { name: "corpus 01 mean metric, inlined", template: corpus_template("01_"), occurrences: 1 },
-        Form { name: "corpus 02 ratio metric, inlined twice", template: corpus_template("02_"), occurrences: 2 },
-        Form { name: "corpus 03 funnel, exposures and exposure_data", template: funnel, occurrences: 2 },
-        Form { name: "corpus 04 retention, CTE", template: retention, occurrences: 1 },
-        Form { name: "standalone exposures, SETTINGS", template: standalone, occurrences: 1 },
-        Form { name: "standalone exposures, all six columns", template: full_columns, occurrences: 1 },
-        Form { name: "first seen, New York time, exclusive lower bound", template: first_seen_ny, occurrences: 1 },
-        Form { name: "infix, exclusive lower, inclusive upper", template: exclusive_infix, occurrences: 1 },
+        shape_form("mean metric, inlined", "mean_", 1, team, flag),
+        shape_form("ratio metric, inlined twice", "ratio_", 2, team, flag),
+        shape_form("funnel, exposures and exposure_data", "funnel_", 2, team, flag),
+        shape_form("retention, CTE", "retention_", 1, team, flag),
+        Form { name: "standalone exposures, SETTINGS".into(), template: standalone, occurrences: 1 },
+        Form { name: "standalone exposures, all six columns".into(), template: full_columns, occurrences: 1 },
+        Form {
+            name: "first seen, New York time, exclusive lower bound".into(),
+            template: first_seen_ny,
+            occurrences: 1,
+        },
+        Form { name: "infix, exclusive lower, inclusive upper".into(), template: exclusive_infix, occurrences: 1 },
     ]
 }
 
