@@ -14,7 +14,7 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use preagg_proxy::preagg::plan;
 use preagg_proxy::rules;
-use preagg_proxy::sql::rewrite::{self, Target};
+use preagg_proxy::sql::rewrite::{self, Freshness, Target};
 use preagg_proxy::sql::rule::Rule;
 use preagg_proxy::sql::splice::{self, Edit};
 use preagg_proxy::sql::window::ReadyJob;
@@ -44,11 +44,20 @@ fn analyze_and_rewrite(rules: &[Arc<Rule>], text: &str) -> usize {
             let occ = &f.occurrence;
             let ready: Vec<ReadyJob> = plan::grid(occ.range.0, occ.range.1)
                 .into_iter()
-                .map(|w| ReadyJob { id: uuid_like(w.start), window: w, rows: 1000 })
+                .map(|w| ReadyJob { id: uuid_like(w.start), window: w, rows: 1000, built_at: now })
                 .collect();
             let p = plan::plan(occ.range, &ready, now, 7_200_000_000);
             let types: Vec<String> = occ.stored_columns().iter().map(|_| "String".to_string()).collect();
-            let body = rewrite::replacement(text, occ, &p.served, &p.raw, &types, &target).expect("rewrite");
+            let body = rewrite::replacement(
+                text,
+                occ,
+                &p.served,
+                &p.raw,
+                &types,
+                &target,
+                Some(Freshness { oldest_build: now, margin: 300_000_000 }),
+            )
+            .expect("rewrite");
             Edit::new(occ.body.clone(), body)
         })
         .collect();

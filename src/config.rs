@@ -144,6 +144,10 @@ keys! {
     job_cache_capacity: u64 = Some("10000"), required(parse_positive);
     /// How long a cached job lookup is trusted before it is read again
     job_cache_ttl: Duration = Some("30s"), required(parse_duration);
+    /// Keep answers exact when the source changes after a build: rows ingested since are read again, a mutation since fails over to the original (false: windows are served as built until they expire)
+    exact_under_change: bool = Some("true"), required(parse_bool);
+    /// How long before a build's start a row still counts as possibly unseen by it (clock skew, inserts in flight)
+    ingestion_margin: Duration = Some("5m"), required(parse_duration);
     /// Keep preaggregates per ClickHouse user (the user joins the query hash)
     jobs_per_user: bool = Some("false"), required(parse_bool);
     /// CPU-time budget for analyzing one query; slower analysis passes the query through

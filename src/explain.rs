@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::outcome::Reason;
 use crate::preagg::plan::{self, Plan};
-use crate::sql::rewrite::{self, BuildWindow, Target};
+use crate::sql::rewrite::{self, BuildWindow, Freshness, Target};
 use crate::sql::rule::Rule;
 use crate::sql::splice::{self, Edit};
 use crate::sql::window::{Edge, RawRange, ReadyJob, Window};
@@ -35,6 +35,10 @@ pub struct Request<'a> {
     pub cluster: bool,
     /// Analysis budget.
     pub budget: Duration,
+    /// Whether changes to the source after a build are accounted for (`exact_under_change`).
+    pub exact_under_change: bool,
+    /// The margin before a build's start within which rows are read again.
+    pub ingestion_margin: Duration,
 }
 
 /// A bound as shown.
@@ -148,9 +152,12 @@ pub fn explain(request: &Request) -> Explanation {
     };
     let mut views = Vec::new();
     let mut edits = Vec::new();
+    let mut reason = Reason::NoWindowsReady;
     for found in &analysis.found {
         let (view, plan) = explain_occurrence(request, found, &target(&found.rule));
-        if plan.serves_any() {
+        if request.exact_under_change && found.occurrence.ingestion_column.is_none() {
+            reason = Reason::NoIngestionColumn;
+        } else if plan.serves_any() {
             let types: Vec<String> =
                 found.occurrence.stored_columns().iter().map(|c| format!("<type of {c}>")).collect();
             if let Ok(text) = rewrite::replacement(
@@ -160,6 +167,10 @@ pub fn explain(request: &Request) -> Explanation {
                 &plan.raw,
                 &types,
                 &target(&found.rule),
+                request.exact_under_change.then(|| Freshness {
+                    oldest_build: request.now,
+                    margin: i64::try_from(request.ingestion_margin.as_micros()).unwrap_or(i64::MAX),
+                }),
             ) {
                 edits.push(Edit::new(found.occurrence.body.clone(), text));
             }
@@ -170,7 +181,7 @@ pub fn explain(request: &Request) -> Explanation {
     Explanation {
         rewritten: rewritten_sql.is_some(),
         occurrences: edits.len(),
-        reason: rewritten_sql.is_none().then_some(Reason::NoWindowsReady),
+        reason: rewritten_sql.is_none().then_some(reason),
         refused: analysis.refused,
         now,
         occurrence: views,
@@ -184,8 +195,10 @@ fn explain_occurrence(request: &Request, found: &Found, target: &Target) -> (Occ
     // sealed hours of a day that is not sealed whole.
     let to_build = plan::plan(occ.range, &[], request.now, request.seal_after).missing;
     // Placeholder jobs: their confirmed row counts are unknown here, so the guard shows 0.
-    let ready: Vec<ReadyJob> =
-        to_build.iter().map(|w| ReadyJob { id: placeholder_job(w), window: *w, rows: 0 }).collect();
+    let ready: Vec<ReadyJob> = to_build
+        .iter()
+        .map(|w| ReadyJob { id: placeholder_job(w), window: *w, rows: 0, built_at: request.now })
+        .collect();
     let plan = plan::plan(occ.range, &ready, request.now, request.seal_after);
     let mut windows: Vec<WindowView> = plan
         .served
@@ -210,7 +223,7 @@ fn explain_occurrence(request: &Request, found: &Found, target: &Target) -> (Occ
         shape: found.shape.clone(),
         windows,
         raw_ranges: plan.raw.iter().map(|r| edge_view(r, (occ.lower.bound.micros, occ.upper.bound.micros))).collect(),
-        insert: rewrite::insert_statement(request.text, occ, &builds, target).ok(),
+        insert: rewrite::insert_statement(request.text, occ, &builds, target, request.exact_under_change).ok(),
         describe: rewrite::describe_statement(request.text, occ).unwrap_or_default(),
     };
     (view, plan)
@@ -288,6 +301,8 @@ mod tests {
             preagg_database: "default".into(),
             cluster: false,
             budget: std::time::Duration::from_secs(5),
+            exact_under_change: true,
+            ingestion_margin: std::time::Duration::from_secs(300),
         };
         let explanation = explain(&request);
         let occurrence = &explanation.occurrence[0];

@@ -163,6 +163,8 @@ fn run_explain(
         preagg_database: config.preagg_database.clone(),
         cluster: config.cluster.is_some(),
         budget: config.max_parse_time,
+        exact_under_change: config.exact_under_change,
+        ingestion_margin: config.ingestion_margin,
     };
     let explanation = explain::explain(&request);
     match format {

@@ -92,6 +92,9 @@ pub enum Reason {
     /// `Authorization` scheme other than Basic, a client certificate): its preaggregates could not
     /// be built as its user.
     UnknownCredentials,
+    /// `exact_under_change` is on and the rule names no `ingestion_column`: rows ingested after a
+    /// build could not be read again, so stored windows cannot be served exactly.
+    NoIngestionColumn,
     /// Shadow mode: the client gets the original; the rewrite is compared in the background.
     Shadow,
 }
@@ -162,6 +165,7 @@ reason_codes! {
     DescribeFailed => "describe_failed",
     RewrittenQueryFailed => "rewritten_query_failed",
     UnknownCredentials => "unknown_credentials",
+    NoIngestionColumn => "no_ingestion_column",
     Shadow => "shadow",
 }
 

@@ -293,7 +293,7 @@ impl Proxy {
         let status = response.status();
         let error = error_text(response).await;
         tracing::warn!(%status, error = %error.trim(), "rewritten query failed upstream; sending the original");
-        if error.contains(crate::sql::rewrite::ROWS_MISSING) {
+        if crate::sql::rewrite::guard_fired(&error) {
             engine.expire_jobs(&job_ids).await;
         }
         let (response, _) =

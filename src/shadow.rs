@@ -288,9 +288,10 @@ impl Worker {
         let rewritten = match self.run_query(request, &request.rewritten).await {
             Ok(a) => a,
             Err(e) => {
-                // The rewrite's guard found stored rows missing: as on the rewrite path, expire the
-                // jobs so the next query rebuilds them instead of failing the same way forever.
-                if e.contains(crate::sql::rewrite::ROWS_MISSING)
+                // A guard of the rewrite fired (stored rows missing, the source mutated): as on the
+                // rewrite path, expire the jobs so the next query rebuilds them instead of failing
+                // the same way forever.
+                if crate::sql::rewrite::guard_fired(&e)
                     && let Some(engine) = self.engine.get()
                 {
                     engine.expire_jobs(&request.job_ids).await;

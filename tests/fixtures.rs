@@ -31,6 +31,8 @@ fn explain_at(text: &str, now: &str) -> Explanation {
         preagg_database: "default".into(),
         cluster: false,
         budget: Duration::from_secs(5),
+        exact_under_change: true,
+        ingestion_margin: Duration::from_secs(300),
     };
     explain::explain(&request)
 }

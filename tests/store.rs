@@ -47,8 +47,8 @@ async fn claims_are_exclusive_and_expired_leases_are_taken_over() {
         assert!(second.is_some() && second != first, "{name}: takeover");
         // The dead owner can no longer mark its job ready.
         let built = |id: &Option<String>, rows| vec![Built { id: id.clone().unwrap(), rows, expires_at: later + HOUR }];
-        assert_eq!(store.mark_ready(&built(&first, 1), "a", later).await.unwrap(), 0, "{name}");
-        assert_eq!(store.mark_ready(&built(&second, 42), "b", later).await.unwrap(), 1, "{name}");
+        assert_eq!(store.mark_ready(&built(&first, 1), "a", later, later).await.unwrap(), 0, "{name}");
+        assert_eq!(store.mark_ready(&built(&second, 42), "b", later, later).await.unwrap(), 1, "{name}");
         let jobs = store.lookup(7, &hash, later, later - HOUR).await.unwrap();
         let statuses: Vec<(Status, Option<i64>)> = jobs.iter().map(|j| (j.status, j.rows_written)).collect();
         assert!(statuses.contains(&(Status::Ready, Some(42))), "{name}: {statuses:?}");
@@ -128,11 +128,13 @@ async fn lookups_skip_expired_jobs_and_old_failures() {
             Built { id: ids[0].clone(), rows: 1, expires_at: now + 10 * HOUR },
             Built { id: ids[1].clone(), rows: 1, expires_at: now + HOUR / 2 },
         ];
-        assert_eq!(store.mark_ready(&built, "o", now).await.unwrap(), 2, "{name}");
+        assert_eq!(store.mark_ready(&built, "o", now, now - 1).await.unwrap(), 2, "{name}");
         store.mark_failed(&ids[2..], "o", "boom").await.unwrap();
         let served = store.lookup(8, &hash, now + HOUR, now - HOUR).await.unwrap();
         let ready: Vec<&str> = served.iter().filter(|j| j.status == Status::Ready).map(|j| j.id.as_str()).collect();
         assert_eq!(ready, vec![ids[0].as_str()], "{name}: the job expiring within the buffer is not served");
+        let seen = served.iter().find(|j| j.status == Status::Ready).and_then(|j| j.source_seen_at);
+        assert_eq!(seen, Some(now - 1), "{name}: when the build started reading, by ClickHouse's clock, is kept");
         assert!(served.iter().any(|j| j.status == Status::Failed), "{name}: recent failure reported");
         let later = store.lookup(8, &hash, now + HOUR, now + HOUR).await.unwrap();
         assert!(!later.iter().any(|j| j.status == Status::Failed), "{name}: old failure forgotten");

@@ -191,6 +191,7 @@ mod tests {
             expires_at: Some(100),
             rows_written: Some(3),
             error: Some("bad <thing>".into()),
+            source_seen_at: None,
         }
     }
 

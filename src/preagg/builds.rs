@@ -263,8 +263,12 @@ impl Engine {
                 }
             })
             .collect();
-        let insert = rewrite::insert_statement(text, occ, &builds, &self.target(&found.rule))
+        let refuse_while_mutating = self.settings().exact_under_change;
+        let insert = rewrite::insert_statement(text, occ, &builds, &self.target(&found.rule), refuse_while_mutating)
             .map_err(|e| BuildError::Statement(e.to_string()))?;
+        // ClickHouse's clock just before the INSERT reads: what is ingested or mutated from here on,
+        // the build may not see.
+        let source_seen_at = self.clickhouse.now_micros().await?;
         self.clickhouse.insert(&insert, context).await?;
         let ids: Vec<String> = builds.iter().map(|b| b.job_id.clone()).collect();
         let counts = self.clickhouse.count_by_job(&found.rule, occ.team_id, &ids).await?;
@@ -277,7 +281,7 @@ impl Engine {
                 expires_at: b.expires_at,
             })
             .collect();
-        let marked = self.store.mark_ready(&built, &self.owner, computed_at).await?;
+        let marked = self.store.mark_ready(&built, &self.owner, computed_at, source_seen_at).await?;
         if marked < built.len() {
             tracing::warn!(taken_over = built.len() - marked, "jobs were taken over before they were marked ready");
         }

@@ -20,7 +20,7 @@ use crate::clickhouse_http::context::{Credentials, QueryContext};
 use crate::config::{BuildPolicy, Config, ExpiryBands, Mode};
 use crate::metrics as m;
 use crate::outcome::{Reason, RewriteSummary};
-use crate::sql::rewrite::{self, Target};
+use crate::sql::rewrite::{self, Freshness, Target};
 use crate::sql::rule::Rule;
 use crate::sql::splice::{self, Edit};
 use crate::sql::window::{ReadyJob, Window};
@@ -71,6 +71,9 @@ pub(super) struct Settings {
     pub(super) jobs_per_user: bool,
     pub(super) max_parse_time: Duration,
     pub(super) max_queued_builds: usize,
+    /// Account for changes to the source after a build (`exact_under_change`).
+    pub(super) exact_under_change: bool,
+    pub(super) ingestion_margin: Duration,
 }
 
 impl Settings {
@@ -87,6 +90,8 @@ impl Settings {
             jobs_per_user: config.jobs_per_user,
             max_parse_time: config.max_parse_time,
             max_queued_builds: config.max_queued_builds,
+            exact_under_change: config.exact_under_change,
+            ingestion_margin: config.ingestion_margin,
         }
     }
 }
@@ -349,6 +354,9 @@ impl Engine {
     ) -> Result<(String, Plan), Reason> {
         let started = Instant::now();
         let settings = self.settings();
+        if settings.exact_under_change && found.occurrence.ingestion_column.is_none() {
+            return Err(Reason::NoIngestionColumn);
+        }
         let (mut plan, mut missing) = self.plan(found, now_micros()).await?;
         let mut build = None;
         if !missing.buildable.is_empty() {
@@ -410,9 +418,17 @@ impl Engine {
             &plan.raw,
             &shape.types,
             &self.target(&found.rule),
+            self.freshness(&plan.served),
         )
         .map_err(|_| Reason::Unlocatable)?;
         Ok((replacement, plan))
+    }
+
+    /// What keeps serving `served` exact under later changes to the source, unless turned off.
+    fn freshness(&self, served: &[ReadyJob]) -> Option<Freshness> {
+        let settings = self.settings();
+        let oldest_build = served.iter().map(|job| job.built_at).min()?;
+        settings.exact_under_change.then(|| Freshness { oldest_build, margin: micros(settings.ingestion_margin) })
     }
 
     /// The plan at `now`, and what the missing windows are waiting for.
@@ -424,7 +440,13 @@ impl Engine {
         let ready: Vec<ReadyJob> = jobs
             .iter()
             .filter(|j| j.status == Status::Ready && j.expires_at.is_some_and(|e| e > serve_until))
-            .map(|j| ReadyJob { id: j.id.clone(), window: j.window, rows: j.rows_written.unwrap_or(0).max(0) as u64 })
+            .map(|j| ReadyJob {
+                id: j.id.clone(),
+                window: j.window,
+                rows: j.rows_written.unwrap_or(0).max(0) as u64,
+                // Jobs built before ClickHouse's clock was recorded: the claim, by the proxy's.
+                built_at: j.source_seen_at.unwrap_or(j.created_at),
+            })
             .collect();
         let plan = plan::plan(occ.range, &ready, now, settings.seal_after);
         let window_set = |keep: &dyn Fn(&Job) -> bool| -> HashSet<Window> {

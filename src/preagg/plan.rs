@@ -176,7 +176,7 @@ mod tests {
             .iter()
             .enumerate()
             .filter(|(i, _)| *i != 3)
-            .map(|(i, w)| ReadyJob { id: format!("j{i}"), window: *w, rows: 1 })
+            .map(|(i, w)| ReadyJob { id: format!("j{i}"), window: *w, rows: 1, built_at: 0 })
             .collect();
         let p = plan(range, &ready, now, 2 * HOUR);
         assert_eq!(p.missing, vec![windows[3]]);
@@ -191,6 +191,7 @@ mod tests {
         let hours: Vec<ReadyJob> = (0..24)
             .map(|h| ReadyJob {
                 rows: 1,
+                built_at: 0,
                 id: format!("h{h}"),
                 window: Window { start: D0 + DAY + h * HOUR, end: D0 + DAY + (h + 1) * HOUR },
             })
@@ -207,6 +208,7 @@ mod tests {
                 id: format!("d{d}"),
                 window: Window { start: monday + d * DAY, end: monday + (d + 1) * DAY },
                 rows: 1,
+                built_at: 0,
             })
             .collect();
         let p = plan((monday, monday + WEEK), &days, monday + 30 * DAY, 2 * HOUR);
@@ -249,7 +251,7 @@ mod tests {
             let range = (D0 + start, D0 + start + len);
             let ready: Vec<ReadyJob> = grid(range.0, range.1).into_iter().enumerate()
                 .filter(|(i, _)| mask >> (i % 64) & 1 == 1)
-                .map(|(i, w)| ReadyJob { id: i.to_string(), window: w, rows: 1 }).collect();
+                .map(|(i, w)| ReadyJob { id: i.to_string(), window: w, rows: 1, built_at: 0 }).collect();
             let p = plan(range, &ready, D0 + 100 * DAY, 2 * HOUR);
             let mut pieces: Vec<(i64, i64)> = p.served.iter().map(|j| (j.window.start, j.window.end)).collect();
             for r in &p.raw {

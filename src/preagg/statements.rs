@@ -210,6 +210,16 @@ impl ClickHouse {
         self.bounded(self.query(sql, context).with_setting("optimize_on_insert", "0").execute()).await
     }
 
+    /// ClickHouse's clock now, in microseconds since the Unix epoch.
+    pub async fn now_micros(&self) -> Result<i64, ClickHouseError> {
+        let mut cursor = self
+            .query("SELECT toUnixTimestamp64Micro(now64(6))", &StatementContext::default())
+            .fetch_bytes("TabSeparated")?;
+        let bytes = self.bounded(cursor.collect()).await?;
+        let text = String::from_utf8_lossy(&bytes);
+        text.trim().parse().map_err(|_| ClickHouseError::Unexpected(text.to_string()))
+    }
+
     /// Rows stored per job id (jobs with no rows are absent).
     pub async fn count_by_job(
         &self,

@@ -78,6 +78,10 @@ pub struct Job {
     pub expires_at: Option<i64>,
     /// Rows the build wrote (confirmed).
     pub rows_written: Option<i64>,
+    /// When the build started reading its source, by ClickHouse's clock: rows ingested and
+    /// mutations created since are what it did not see. `None` for jobs built before this was
+    /// recorded.
+    pub source_seen_at: Option<i64>,
     /// Why it failed.
     pub error: Option<String>,
 }
@@ -86,7 +90,7 @@ pub struct Job {
 macro_rules! job_columns {
     () => {
         "id, team_id, rule, query_hash, window_start, window_end, status, lease_owner, lease_expires_at, \
-         attempts, created_at, computed_at, expires_at, rows_written, error"
+         attempts, created_at, computed_at, expires_at, rows_written, error, source_seen_at"
     };
 }
 
@@ -106,6 +110,7 @@ fn job_from_row(row: &AnyRow) -> Result<Job, StoreError> {
         expires_at: row.try_get("expires_at")?,
         rows_written: row.try_get("rows_written")?,
         error: row.try_get("error")?,
+        source_seen_at: row.try_get("source_seen_at")?,
     })
 }
 
@@ -366,19 +371,27 @@ impl Store {
 
     /// Marks confirmed builds ready, in one transaction. Returns how many were still ours (a job
     /// taken over by another proxy is not marked).
-    pub async fn mark_ready(&self, builds: &[Built], owner: &str, computed_at: i64) -> Result<usize, StoreError> {
+    pub async fn mark_ready(
+        &self,
+        builds: &[Built],
+        owner: &str,
+        computed_at: i64,
+        source_seen_at: i64,
+    ) -> Result<usize, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut marked = 0;
         for built in builds {
             let changed = sqlx::query(
                 "UPDATE preagg_jobs SET status = 'ready', rows_written = $1, computed_at = $2, expires_at = $3, \
-                 lease_owner = NULL, lease_expires_at = NULL WHERE id = $4 AND lease_owner = $5 AND status = 'pending'",
+                 lease_owner = NULL, lease_expires_at = NULL, source_seen_at = $6 \
+                 WHERE id = $4 AND lease_owner = $5 AND status = 'pending'",
             )
             .bind(built.rows as i64)
             .bind(computed_at)
             .bind(built.expires_at)
             .bind(&built.id)
             .bind(owner)
+            .bind(source_seen_at)
             .execute(&mut *tx)
             .await?
             .rows_affected();

@@ -137,6 +137,11 @@ pub struct Occurrence {
     pub range: (i64, i64),
     /// The raw time column, qualified, for PREWHERE (`` `events`.`timestamp` ``).
     pub time_column: String,
+    /// The source table as the body names it (unqualified: it resolves in the query's database).
+    pub source_table: String,
+    /// The ingestion column of the source, qualified as [`time_column`](Self::time_column), when
+    /// the rule names one.
+    pub ingestion_column: Option<String>,
     /// Byte offset of the body's `WHERE` keyword.
     pub where_at: usize,
     /// Byte offset just after the last projection item.
@@ -310,6 +315,12 @@ pub fn match_candidate(text: &str, tokens: &Tokens, candidate: &Candidate, rule:
         upper,
         range: range_micros,
         time_column: format!("{}.{}", quote::identifier(&source_alias), quote::identifier(&rule.source.time_column)),
+        source_table: rule.source.table.clone(),
+        ingestion_column: rule
+            .source
+            .ingestion_column
+            .as_ref()
+            .map(|column| format!("{}.{}", quote::identifier(&source_alias), quote::identifier(column))),
         where_at: tokens.toks[where_index].bytes.start,
         projection_end,
         columns,

@@ -99,6 +99,63 @@ pub fn raw_body(text: &str, occ: &Occurrence, raw: &RawRange) -> Result<String, 
 /// The message of the guard that fails a rewritten query whose stored rows are not all there.
 pub const ROWS_MISSING: &str = "preagg-proxy: preaggregated rows missing";
 
+/// The message of the guard that fails a rewritten query whose source table was mutated (rows
+/// deleted or updated) after the builds it reads, or is being mutated.
+pub const SOURCE_MUTATED: &str = "preagg-proxy: source table mutated after the build";
+
+/// Whether an error from ClickHouse is one of the guards of [`replacement`] firing: the jobs read
+/// no longer stand for their windows and must be built again.
+pub fn guard_fired(error: &str) -> bool {
+    error.contains(ROWS_MISSING) || error.contains(SOURCE_MUTATED)
+}
+
+/// What keeps a replacement exact when its source table changed after the builds it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    /// When the oldest build read started reading the source, by ClickHouse's clock
+    /// (microseconds since the Unix epoch): mutations created since fail the rewritten query.
+    pub oldest_build: i64,
+    /// How long before a build started a row still counts as possibly unseen by it: inserts in
+    /// flight then (microseconds). Rows ingested since `oldest_build` less this are read again.
+    pub margin: i64,
+}
+
+/// The scalar subquery that throws while the source table has a mutation that is not done, or one
+/// created at or after `built` (an expression; `None`: only a mutation not done). ClickHouse
+/// records both `ALTER TABLE ... DELETE` and lightweight `DELETE FROM` in `system.mutations`.
+fn mutation_guard(occ: &Occurrence, built: Option<&str>) -> String {
+    let recent = built.map_or(String::new(), |built| format!("create_time >= toDateTime({built}) OR "));
+    format!(
+        "(SELECT throwIf(count() != 0, {}) FROM system.mutations WHERE database = currentDatabase() \
+         AND table = {} AND ({recent}is_done = 0)) = 0",
+        quote::string(SOURCE_MUTATED),
+        quote::string(&occ.source_table)
+    )
+}
+
+/// The body over the span of the served windows, restricted to rows ingested since `since` (an
+/// expression): what the builds may not have seen. Reading a row twice changes no merge of a rule
+/// (min, max, argMin, a set of values), so it may overlap the stored rows.
+fn ingested_since_body(
+    text: &str,
+    occ: &Occurrence,
+    jobs: &[ReadyJob],
+    since: &str,
+) -> Result<Option<String>, SpliceError> {
+    let (Some(ingestion), Some(first), Some(last)) = (&occ.ingestion_column, jobs.first(), jobs.last()) else {
+        return Ok(None);
+    };
+    let span = RawRange { start: Edge::At(first.window.start), end: Edge::At(last.window.end) };
+    let edit = BodyEdit {
+        start: span.start,
+        end: span.end,
+        prewhere: format!("{} AND {ingestion} >= {since}", prewhere_for(occ, &span)),
+        extra_select: &[],
+        extra_group_by: &[],
+    };
+    edited_body(text, occ, &edit).map(Some)
+}
+
 /// The text that replaces an occurrence's body: stored rows of `jobs` and the raw sub-ranges,
 /// re-aggregated into the original's columns. `types` are the original types of the stored
 /// columns, in [`Occurrence::stored_columns`] order.
@@ -107,6 +164,10 @@ pub const ROWS_MISSING: &str = "preagg-proxy: preaggregated rows missing";
 /// throws unless the jobs hold exactly the rows their builds confirmed. If the store and
 /// ClickHouse disagree (a table dropped and recreated, rows deleted early, another cluster), the
 /// rewritten query fails and the proxy answers with the original instead of serving wrong rows.
+///
+/// With `freshness`, changes to the source since the builds are accounted for: a second guard
+/// throws if the source table was mutated since (deletions), and a branch reads again the rows
+/// ingested since (late events).
 pub fn replacement(
     text: &str,
     occ: &Occurrence,
@@ -114,6 +175,7 @@ pub fn replacement(
     raw: &[RawRange],
     types: &[String],
     target: &Target,
+    freshness: Option<Freshness>,
 ) -> Result<String, SpliceError> {
     let stored = occ.stored_columns();
     let casts: Vec<String> = stored
@@ -137,10 +199,21 @@ pub fn replacement(
         "(SELECT throwIf(count() != {expected_rows}, {}) FROM {table} WHERE {selection}{read_settings}) = 0",
         quote::string(ROWS_MISSING)
     );
+    let guards = match freshness {
+        Some(Freshness { oldest_build, .. }) => {
+            format!("{guard} AND {}", mutation_guard(occ, Some(&oldest_build.div_euclid(1_000_000).to_string())))
+        }
+        None => guard,
+    };
     let mut branches =
-        vec![format!("SELECT {} FROM {table} WHERE {selection} AND {guard}{read_settings}", casts.join(", "))];
+        vec![format!("SELECT {} FROM {table} WHERE {selection} AND {guards}{read_settings}", casts.join(", "))];
     for r in raw {
         branches.push(raw_body(text, occ, r)?);
+    }
+    if let Some(Freshness { oldest_build, margin }) = freshness
+        && let Some(body) = ingested_since_body(text, occ, jobs, &quote::datetime64(oldest_build - margin))?
+    {
+        branches.push(body);
     }
     let entity = occ.columns.iter().find(|c| c.entity).map(|c| c.name.as_str()).unwrap_or_default();
     let outputs: Vec<String> = occ
@@ -173,12 +246,15 @@ pub struct BuildWindow {
 }
 
 /// The INSERT that fills `windows` (sorted, non-overlapping) in one scan: the body grouped by
-/// entity and by window, each window's rows tagged with its job id.
+/// entity and by window, each window's rows tagged with its job id. With `refuse_while_mutating`
+/// it fails (writing nothing) while a mutation of the source table is not done: parts it has not
+/// reached yet would still show the rows it removes.
 pub fn insert_statement(
     text: &str,
     occ: &Occurrence,
     windows: &[BuildWindow],
     target: &Target,
+    refuse_while_mutating: bool,
 ) -> Result<String, SpliceError> {
     let (Some(first), Some(last)) = (windows.first(), windows.last()) else {
         return Err(SpliceError::OutOfBounds(0..0));
@@ -217,10 +293,11 @@ pub fn insert_statement(
     let job_ids: Vec<String> = windows.iter().map(|w| quote::string(&w.job_id)).collect();
     let expiries: Vec<String> = windows.iter().map(|w| quote::datetime64(w.expires_at)).collect();
     let numbers = numbers.join(", ");
+    let guard = if refuse_while_mutating { format!(" WHERE {}", mutation_guard(occ, None)) } else { String::new() };
     Ok(format!(
         "INSERT INTO {} (team_id, job_id, {}, computed_at, expires_at) SELECT {}, \
          transform({window_alias}, [{numbers}], [{}], ''), {}, now64(6, 'UTC'), \
-         transform({window_alias}, [{numbers}], [{}], {}) FROM ({})",
+         transform({window_alias}, [{numbers}], [{}], {}) FROM ({}){guard}",
         target.qualified(),
         stored_list.join(", "),
         occ.team_id,

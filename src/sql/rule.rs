@@ -99,6 +99,10 @@ pub struct SourceTable {
     pub time_column_precision: u32,
     /// Team column; the WHERE must test it for equality with an integer literal.
     pub team_column: String,
+    /// Column that records when a row was ingested (PostHog's `inserted_at`, set by ClickHouse):
+    /// rows ingested after a window was built are read again from the source. `None`: stored
+    /// windows hold only what was there at build time.
+    pub ingestion_column: Option<String>,
 }
 
 /// The preaggregate table of a rule.
@@ -240,6 +244,7 @@ struct SourceFile {
     time_column_timezone: String,
     time_column_precision: u32,
     team_column: String,
+    ingestion_column: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -294,6 +299,9 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
     identifier(&s.table).map_err(|m| err("source.table", m))?;
     identifier(&s.time_column).map_err(|m| err("source.time_column", m))?;
     identifier(&s.team_column).map_err(|m| err("source.team_column", m))?;
+    if let Some(column) = &s.ingestion_column {
+        identifier(column).map_err(|m| err("source.ingestion_column", m))?;
+    }
     let time_column_timezone: chrono_tz::Tz = s
         .time_column_timezone
         .parse()
@@ -385,6 +393,7 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
             time_column_timezone,
             time_column_precision: s.time_column_precision,
             team_column: s.team_column.clone(),
+            ingestion_column: s.ingestion_column.clone(),
         },
         target: TargetTable { table: raw.target.table, entity: raw.target.entity },
         predicates,

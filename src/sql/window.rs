@@ -37,4 +37,6 @@ pub struct ReadyJob {
     pub window: Window,
     /// Rows the build wrote and confirmed.
     pub rows: u64,
+    /// When its build started reading the source, by ClickHouse's clock (microseconds).
+    pub built_at: i64,
 }

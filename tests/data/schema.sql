@@ -14,7 +14,8 @@ CREATE TABLE IF NOT EXISTS events
     `$session_id` String,
     elements_chain String,
     created_at DateTime64(6, 'UTC'),
-    _timestamp DateTime
+    _timestamp DateTime,
+    inserted_at Nullable(DateTime64(6, 'UTC')) DEFAULT now64()
 )
 ENGINE = MergeTree
 PARTITION BY toYYYYMM(timestamp)
