@@ -55,7 +55,7 @@ fn analyze_and_rewrite(rules: &[Arc<Rule>], text: &str) -> usize {
                 &p.raw,
                 &types,
                 &target,
-                Some(Freshness { oldest_build: now, margin: 300_000_000 }),
+                Some(Freshness { margin: 300_000_000 }),
             )
             .expect("rewrite");
             Edit::new(occ.body.clone(), body)

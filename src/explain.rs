@@ -168,7 +168,6 @@ pub fn explain(request: &Request) -> Explanation {
                 &types,
                 &target(&found.rule),
                 request.exact_under_change.then(|| Freshness {
-                    oldest_build: request.now,
                     margin: i64::try_from(request.ingestion_margin.as_micros()).unwrap_or(i64::MAX),
                 }),
             ) {

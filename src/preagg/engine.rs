@@ -418,17 +418,16 @@ impl Engine {
             &plan.raw,
             &shape.types,
             &self.target(&found.rule),
-            self.freshness(&plan.served),
+            self.freshness(),
         )
         .map_err(|_| Reason::Unlocatable)?;
         Ok((replacement, plan))
     }
 
-    /// What keeps serving `served` exact under later changes to the source, unless turned off.
-    fn freshness(&self, served: &[ReadyJob]) -> Option<Freshness> {
+    /// What keeps a rewrite exact under later changes to the source, unless turned off.
+    fn freshness(&self) -> Option<Freshness> {
         let settings = self.settings();
-        let oldest_build = served.iter().map(|job| job.built_at).min()?;
-        settings.exact_under_change.then(|| Freshness { oldest_build, margin: micros(settings.ingestion_margin) })
+        settings.exact_under_change.then(|| Freshness { margin: micros(settings.ingestion_margin) })
     }
 
     /// The plan at `now`, and what the missing windows are waiting for.

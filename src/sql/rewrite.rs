@@ -109,14 +109,12 @@ pub fn guard_fired(error: &str) -> bool {
     error.contains(ROWS_MISSING) || error.contains(SOURCE_MUTATED)
 }
 
-/// What keeps a replacement exact when its source table changed after the builds it reads.
+/// What keeps a replacement exact when its source table changed after the builds it reads (each
+/// job's [`built_at`](ReadyJob::built_at), by ClickHouse's clock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Freshness {
-    /// When the oldest build read started reading the source, by ClickHouse's clock
-    /// (microseconds since the Unix epoch): mutations created since fail the rewritten query.
-    pub oldest_build: i64,
     /// How long before a build started a row still counts as possibly unseen by it: inserts in
-    /// flight then (microseconds). Rows ingested since `oldest_build` less this are read again.
+    /// flight then (microseconds).
     pub margin: i64,
 }
 
@@ -133,18 +131,29 @@ fn mutation_guard(occ: &Occurrence, built: Option<&str>) -> String {
     )
 }
 
-/// The body over the span of the served windows, restricted to rows ingested since `since` (an
-/// expression): what the builds may not have seen. Reading a row twice changes no merge of a rule
-/// (min, max, argMin, a set of values), so it may overlap the stored rows.
+/// The body over the span of the served windows, restricted to the rows each window's build may
+/// not have seen: those ingested since that build started, less `margin`. Each row is held
+/// against the build of the window its time falls in, so the rows read are the late ones, however
+/// old the oldest build is. (A row between two served windows is held against the next one's
+/// build; raw branches read it anyway.) Reading a row twice changes no merge of a rule (min, max,
+/// argMin, a set of values), so this may overlap the stored rows.
 fn ingested_since_body(
     text: &str,
     occ: &Occurrence,
     jobs: &[ReadyJob],
-    since: &str,
+    margin: i64,
 ) -> Result<Option<String>, SpliceError> {
     let (Some(ingestion), Some(first), Some(last)) = (&occ.ingestion_column, jobs.first(), jobs.last()) else {
         return Ok(None);
     };
+    let column = &occ.time_column;
+    let seen = |job: &ReadyJob| quote::datetime64(job.built_at.saturating_sub(margin));
+    let mut arms: Vec<String> = jobs[..jobs.len() - 1]
+        .iter()
+        .map(|job| format!("{column} < {}, {}", quote::datetime64(job.window.end), seen(job)))
+        .collect();
+    arms.push(seen(last));
+    let since = if arms.len() == 1 { arms.remove(0) } else { format!("multiIf({})", arms.join(", ")) };
     let span = RawRange { start: Edge::At(first.window.start), end: Edge::At(last.window.end) };
     let edit = BodyEdit {
         start: span.start,
@@ -199,19 +208,19 @@ pub fn replacement(
         "(SELECT throwIf(count() != {expected_rows}, {}) FROM {table} WHERE {selection}{read_settings}) = 0",
         quote::string(ROWS_MISSING)
     );
-    let guards = match freshness {
-        Some(Freshness { oldest_build, .. }) => {
-            format!("{guard} AND {}", mutation_guard(occ, Some(&oldest_build.div_euclid(1_000_000).to_string())))
-        }
-        None => guard,
+    // Mutations created since the oldest build read started, or not done, fail the stored branch.
+    let oldest_build = jobs.iter().map(|job| job.built_at.div_euclid(1_000_000)).min();
+    let guards = match (freshness, oldest_build) {
+        (Some(_), Some(oldest)) => format!("{guard} AND {}", mutation_guard(occ, Some(&oldest.to_string()))),
+        _ => guard,
     };
     let mut branches =
         vec![format!("SELECT {} FROM {table} WHERE {selection} AND {guards}{read_settings}", casts.join(", "))];
     for r in raw {
         branches.push(raw_body(text, occ, r)?);
     }
-    if let Some(Freshness { oldest_build, margin }) = freshness
-        && let Some(body) = ingested_since_body(text, occ, jobs, &quote::datetime64(oldest_build - margin))?
+    if let Some(Freshness { margin }) = freshness
+        && let Some(body) = ingested_since_body(text, occ, jobs, margin)?
     {
         branches.push(body);
     }
