@@ -157,3 +157,57 @@ async fn with_exactness_off_stored_windows_are_served_as_built() {
     assert!(same_rows(&direct, &through).is_err(), "the late exposure is not seen: the switch does what it says");
     assert!(same_rows(&built, &through).is_ok(), "the answer is the one built");
 }
+
+/// Shadow comparisons of `result` so far.
+async fn shadowed(proxy: &ProxyProcess, result: &str) -> f64 {
+    common::metric(&proxy.metrics().await, "preagg_shadow_total", &[("result", result)])
+}
+
+/// Asks through the shadowing proxy until one more comparison than `before` has ended; the client
+/// always gets the direct rows.
+async fn one_more_comparison(server: &ChServer, proxy: &ProxyProcess, sql: &str, before: f64, what: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let direct = run(&server.url(), sql).await;
+        let through = run(&proxy.url(), sql).await;
+        assert_same(&direct, &through, what);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ended = ["match", "mismatch", "error", "noise"];
+        let mut total = 0.0;
+        for result in ended {
+            total += shadowed(proxy, result).await;
+        }
+        if total > before {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{what}: no comparison ended");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_during_changes_counts_no_mismatch() {
+    let sql = forms(TEAM, FLAG)[0].query(LO, HI);
+    let server = ChServer::start();
+    server.generate(&["--events", "60000", "--seed", "11", "--start", "2026-10-01", "--days", "14"]);
+    let proxy = ProxyProcess::start(&server.url(), &[("mode", "shadow")]);
+    proxy.wait_engine_ready();
+    one_more_comparison(&server, &proxy, &sql, 0.0, "before any change").await;
+    let (distinct_id, person_id, variant) = first_exposed(&server).await;
+    let other = if variant == "control" { "test" } else { "control" };
+    let changes = [
+        exposure("2026-10-04 10:00:00.000001", 9003, "late-9003", "test"),
+        exposure("2026-10-02 06:00:00.000000", 0, &distinct_id, other)
+            .replace("toUUID('00000000-0000-4000-8000-000000000000')", &format!("toUUID('{person_id}')")),
+        format!("ALTER TABLE events DELETE WHERE person_id = toUUID('{person_id}') SETTINGS mutations_sync = 2"),
+    ];
+    for (i, change) in changes.iter().enumerate() {
+        let before = shadowed(&proxy, "match").await
+            + shadowed(&proxy, "mismatch").await
+            + shadowed(&proxy, "error").await
+            + shadowed(&proxy, "noise").await;
+        exec(&server.url(), change);
+        one_more_comparison(&server, &proxy, &sql, before, &format!("change {i}")).await;
+    }
+    assert_eq!(shadowed(&proxy, "mismatch").await, 0.0, "no comparison during the changes found a difference");
+    assert!(shadowed(&proxy, "match").await >= 3.0, "the late events were compared and matched");
+}
