@@ -36,7 +36,7 @@ fn analyze_and_rewrite(rules: &[Arc<Rule>], text: &str) -> usize {
     let Ok(analysis) = sql::analyze(rules, text, &Context::default(), Duration::from_secs(1)) else { return 0 };
     let now = 1_793_491_200_000_000; // 2026-11-01: every window of the own shapes and the corpus sealed
     let target =
-        Target { database: "default".into(), table: "experiment_exposures_preaggregated".into(), cluster: false };
+        Target { database: "default".into(), table: "experiment_exposures_preaggregated".into(), cluster: None };
     let edits: Vec<Edit> = analysis
         .found
         .iter()

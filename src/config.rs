@@ -146,7 +146,7 @@ keys! {
     job_cache_ttl: Duration = Some("30s"), required(parse_duration);
     /// Keep answers exact when the source changes after a build: rows ingested since are read again, a mutation since fails over to the original (false: windows are served as built until they expire)
     exact_under_change: bool = Some("true"), required(parse_bool);
-    /// How long before a build's start a row still counts as possibly unseen by it (clock skew, inserts in flight)
+    /// How long before a build started reading a row still counts as possibly unseen by it: longer than any insert takes to become visible (inserts in flight, replication lag, a Distributed table's send queue)
     ingestion_margin: Duration = Some("5m"), required(parse_duration);
     /// Keep preaggregates per ClickHouse user (the user joins the query hash)
     jobs_per_user: bool = Some("false"), required(parse_bool);
@@ -582,7 +582,7 @@ fn parse_endpoint(s: &str) -> Result<Endpoint, String> {
 /// A value of an enum-like key, by the names its `serde` derive gives its variants.
 fn parse_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
     use serde::de::IntoDeserializer as _;
-    T::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| format!("`{s}`: {e}"))
+    T::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| e.to_string())
 }
 
 fn parse_text(s: &str) -> Result<String, String> {

@@ -31,8 +31,8 @@ pub struct Request<'a> {
     pub seal_after: i64,
     /// Database of the preaggregate tables.
     pub preagg_database: String,
-    /// Cluster mode.
-    pub cluster: bool,
+    /// Cluster mode: the cluster's name.
+    pub cluster: Option<String>,
     /// Analysis budget.
     pub budget: Duration,
     /// Whether changes to the source after a build are accounted for (`exact_under_change`).
@@ -148,7 +148,7 @@ pub fn explain(request: &Request) -> Explanation {
     let target = |rule: &Rule| Target {
         database: request.preagg_database.clone(),
         table: rule.target.table.clone(),
-        cluster: request.cluster,
+        cluster: request.cluster.clone(),
     };
     let mut views = Vec::new();
     let mut edits = Vec::new();
@@ -222,7 +222,7 @@ fn explain_occurrence(request: &Request, found: &Found, target: &Target) -> (Occ
         shape: found.shape.clone(),
         windows,
         raw_ranges: plan.raw.iter().map(|r| edge_view(r, (occ.lower.bound.micros, occ.upper.bound.micros))).collect(),
-        insert: rewrite::insert_statement(request.text, occ, &builds, target, request.exact_under_change).ok(),
+        insert: rewrite::insert_statement(request.text, occ, &builds, target).ok(),
         describe: rewrite::describe_statement(request.text, occ).unwrap_or_default(),
     };
     (view, plan)
@@ -298,7 +298,7 @@ mod tests {
             now: 1_768_869_000_000_000, // 2026-01-20 00:30 UTC
             seal_after: 2 * plan::HOUR,
             preagg_database: "default".into(),
-            cluster: false,
+            cluster: None,
             budget: std::time::Duration::from_secs(5),
             exact_under_change: true,
             ingestion_margin: std::time::Duration::from_secs(300),

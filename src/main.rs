@@ -161,7 +161,7 @@ fn run_explain(
         now,
         seal_after: i64::try_from(config.seal_after.as_micros()).unwrap_or(i64::MAX),
         preagg_database: config.preagg_database.clone(),
-        cluster: config.cluster.is_some(),
+        cluster: config.cluster.clone(),
         budget: config.max_parse_time,
         exact_under_change: config.exact_under_change,
         ingestion_margin: config.ingestion_margin,

@@ -95,6 +95,10 @@ pub enum Reason {
     /// `exact_under_change` is on and the rule names no `ingestion_column`: rows ingested after a
     /// build could not be read again, so stored windows cannot be served exactly.
     NoIngestionColumn,
+    /// `exact_under_change` is on and the query asks for ClickHouse's query cache: a cached answer
+    /// could not follow later changes, and ClickHouse refuses to cache the guard's read of
+    /// `system.mutations`.
+    QueryCache,
     /// Shadow mode: the client gets the original; the rewrite is compared in the background.
     Shadow,
 }
@@ -166,6 +170,7 @@ reason_codes! {
     RewrittenQueryFailed => "rewritten_query_failed",
     UnknownCredentials => "unknown_credentials",
     NoIngestionColumn => "no_ingestion_column",
+    QueryCache => "query_cache",
     Shadow => "shadow",
 }
 

@@ -293,8 +293,8 @@ impl Proxy {
         let status = response.status();
         let error = error_text(response).await;
         tracing::warn!(%status, error = %error.trim(), "rewritten query failed upstream; sending the original");
-        if crate::sql::rewrite::guard_fired(&error) {
-            engine.expire_jobs(&job_ids).await;
+        if let Some(guard) = crate::sql::rewrite::guard_fired(&error) {
+            engine.expire_jobs(&job_ids, guard).await;
         }
         let (response, _) =
             self.forward(parts.clone(), Forward::Original(original), Reason::RewrittenQueryFailed).await;

@@ -291,10 +291,10 @@ impl Worker {
                 // A guard of the rewrite fired (stored rows missing, the source mutated): as on the
                 // rewrite path, expire the jobs so the next query rebuilds them instead of failing
                 // the same way forever.
-                if crate::sql::rewrite::guard_fired(&e)
+                if let Some(guard) = crate::sql::rewrite::guard_fired(&e)
                     && let Some(engine) = self.engine.get()
                 {
-                    engine.expire_jobs(&request.job_ids).await;
+                    engine.expire_jobs(&request.job_ids, guard).await;
                 }
                 return Verdict::Error(format!("rewritten: {e}"));
             }

@@ -211,3 +211,100 @@ async fn shadow_mode_during_changes_counts_no_mismatch() {
     assert_eq!(shadowed(&proxy, "mismatch").await, 0.0, "no comparison during the changes found a difference");
     assert!(shadowed(&proxy, "match").await >= 3.0, "the late events were compared and matched");
 }
+
+/// Runs `sql` in `database` (the `X-ClickHouse-Database` header).
+async fn run_in(base: &str, database: &str, sql: &str) -> Answer {
+    let response = common::client()
+        .post(format!("{base}/?default_format=TSVWithNamesAndTypes"))
+        .header("X-ClickHouse-Database", database)
+        .body(sql.to_string())
+        .send()
+        .await
+        .expect("query");
+    common::equivalence::answer(response).await.unwrap()
+}
+
+/// Until `sql`, run in `database` through the proxy, is rewritten; then direct and proxied rows
+/// must be equal.
+async fn rewritten_in(server: &ChServer, proxy: &ProxyProcess, database: &str, sql: &str, what: &str) {
+    let url = proxy.url();
+    let answer = common::equivalence::until_rewritten_by(Duration::from_secs(60), || run_in(&url, database, sql)).await;
+    assert_same(&run_in(&server.url(), database, sql).await, &answer, what);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutation_of_a_table_under_the_source_is_seen() {
+    // PostHog's `events` is a Distributed table over `sharded_events`, where deletions run. Here
+    // a Merge table stands for it (chdb has no cluster): the rule names both in mutation_tables.
+    let sql = forms(TEAM, FLAG)[0].query(LO, HI);
+    let server = ChServer::start();
+    server.generate(&["--events", "60000", "--seed", "7", "--start", "2026-10-01", "--days", "14"]);
+    exec(
+        &server.url(),
+        "CREATE DATABASE layered;\n\
+         CREATE TABLE layered.sharded_events AS default.events ENGINE = MergeTree \
+         ORDER BY (team_id, toDate(timestamp), event, cityHash64(distinct_id), cityHash64(uuid));\n\
+         INSERT INTO layered.sharded_events SELECT * FROM default.events;\n\
+         CREATE TABLE layered.events AS layered.sharded_events ENGINE = Merge('layered', '^sharded_events$');\n\
+         CREATE TABLE layered.person_distinct_id_overrides AS default.person_distinct_id_overrides;\n\
+         INSERT INTO layered.person_distinct_id_overrides SELECT * FROM default.person_distinct_id_overrides",
+    );
+    let proxy = ProxyProcess::start(&server.url(), &[]);
+    proxy.wait_engine_ready();
+    rewritten_in(&server, &proxy, "layered", &sql, "over the Merge table").await;
+    let (_, person_id, _) = first_exposed(&server).await;
+    exec(
+        &server.url(),
+        &format!(
+            "ALTER TABLE layered.sharded_events DELETE WHERE person_id = toUUID('{person_id}') \
+             SETTINGS mutations_sync = 2"
+        ),
+    );
+    let direct = run_in(&server.url(), "layered", &sql).await;
+    let through = run_in(&proxy.url(), "layered", &sql).await;
+    assert_same(&direct, &through, "right after a deletion in the table under the source");
+    assert_eq!(through.preagg, "passthrough reason=rewritten_query_failed");
+    rewritten_in(&server, &proxy, "layered", &sql, "rebuilt after the deletion").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_named_with_its_database_is_guarded_in_that_database() {
+    // The query runs in another database and names `default.events`: the guard must look there.
+    let sql = forms(TEAM, FLAG)[0].query(LO, HI).replace("FROM events", "FROM default.events");
+    let server = ChServer::start();
+    server.generate(&["--events", "60000", "--seed", "7", "--start", "2026-10-01", "--days", "14"]);
+    exec(
+        &server.url(),
+        "CREATE DATABASE elsewhere;\n\
+         CREATE TABLE elsewhere.person_distinct_id_overrides AS default.person_distinct_id_overrides;\n\
+         INSERT INTO elsewhere.person_distinct_id_overrides SELECT * FROM default.person_distinct_id_overrides",
+    );
+    let proxy = ProxyProcess::start(&server.url(), &[]);
+    proxy.wait_engine_ready();
+    rewritten_in(&server, &proxy, "elsewhere", &sql, "qualified source").await;
+    let (_, person_id, _) = first_exposed(&server).await;
+    exec(
+        &server.url(),
+        &format!(
+            "ALTER TABLE default.events DELETE WHERE person_id = toUUID('{person_id}') SETTINGS mutations_sync = 2"
+        ),
+    );
+    let direct = run_in(&server.url(), "elsewhere", &sql).await;
+    let through = run_in(&proxy.url(), "elsewhere", &sql).await;
+    assert_same(&direct, &through, "right after a deletion in the named database");
+    assert_eq!(through.preagg, "passthrough reason=rewritten_query_failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_that_asks_for_the_query_cache_is_not_rewritten() {
+    let sql =
+        forms(TEAM, FLAG)[0].query(LO, HI).replace("SETTINGS readonly=2,", "SETTINGS use_query_cache=1, readonly=2,");
+    assert!(sql.contains("use_query_cache=1"));
+    let server = ChServer::start();
+    server.generate(&["--events", "20000", "--seed", "7", "--start", "2026-10-01", "--days", "14"]);
+    let proxy = ProxyProcess::start(&server.url(), &[]);
+    proxy.wait_engine_ready();
+    let through = run(&proxy.url(), &sql).await;
+    assert_same(&run(&server.url(), &sql).await, &through, "query cache");
+    assert_eq!(through.preagg, "passthrough reason=query_cache");
+}

@@ -29,7 +29,7 @@ fn explain_at(text: &str, now: &str) -> Explanation {
         now: chrono::DateTime::parse_from_rfc3339(now).unwrap().timestamp_micros(),
         seal_after: 2 * 3_600_000_000,
         preagg_database: "default".into(),
-        cluster: false,
+        cluster: None,
         budget: Duration::from_secs(5),
         exact_under_change: true,
         ingestion_margin: Duration::from_secs(300),

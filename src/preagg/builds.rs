@@ -217,9 +217,12 @@ impl Engine {
                 "build finished"
             ),
             Err(error) => {
-                // The table may be gone (dropped, or a new node): create it again before the next build.
-                self.tables.lock().await.remove(&rule.name);
                 let message = crate::error::error_chain(error);
+                // The table may be gone (dropped, or a new node): create it again before the next
+                // build; a build refused while the source is mutated says nothing about the table.
+                if !message.contains(rewrite::SOURCE_MUTATED) {
+                    self.tables.lock().await.remove(&rule.name);
+                }
                 if let Err(store_error) = self.store.mark_failed(&ids, &self.owner, &message).await {
                     tracing::warn!(%store_error, "cannot record a failed build");
                 }
@@ -263,8 +266,7 @@ impl Engine {
                 }
             })
             .collect();
-        let refuse_while_mutating = self.settings().exact_under_change;
-        let insert = rewrite::insert_statement(text, occ, &builds, &self.target(&found.rule), refuse_while_mutating)
+        let insert = rewrite::insert_statement(text, occ, &builds, &self.target(&found.rule))
             .map_err(|e| BuildError::Statement(e.to_string()))?;
         // ClickHouse's clock just before the INSERT reads: what is ingested or mutated from here on,
         // the build may not see.

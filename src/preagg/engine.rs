@@ -357,6 +357,9 @@ impl Engine {
         if settings.exact_under_change && found.occurrence.ingestion_column.is_none() {
             return Err(Reason::NoIngestionColumn);
         }
+        if settings.exact_under_change && sql::settings::enabled(&analysis.settings, "use_query_cache") {
+            return Err(Reason::QueryCache);
+        }
         let (mut plan, mut missing) = self.plan(found, now_micros()).await?;
         let mut build = None;
         if !missing.buildable.is_empty() {
@@ -439,11 +442,14 @@ impl Engine {
         let ready: Vec<ReadyJob> = jobs
             .iter()
             .filter(|j| j.status == Status::Ready && j.expires_at.is_some_and(|e| e > serve_until))
+            // Exactness needs to know when a build read its source: jobs built before that was
+            // recorded are built again.
+            .filter(|j| !settings.exact_under_change || j.source_seen_at.is_some())
             .map(|j| ReadyJob {
                 id: j.id.clone(),
                 window: j.window,
                 rows: j.rows_written.unwrap_or(0).max(0) as u64,
-                // Jobs built before ClickHouse's clock was recorded: the claim, by the proxy's.
+                // Only served without exactness when unknown; it then dates nothing.
                 built_at: j.source_seen_at.unwrap_or(j.created_at),
             })
             .collect();
@@ -516,7 +522,7 @@ impl Engine {
         Target {
             database: self.clickhouse.layout().database.clone(),
             table: rule.target.table.clone(),
-            cluster: self.clickhouse.layout().cluster.is_some(),
+            cluster: self.clickhouse.layout().cluster.clone(),
         }
     }
 
@@ -536,10 +542,11 @@ impl Engine {
         self.clickhouse.ping().await.map_err(|e| e.to_string())
     }
 
-    /// Expires jobs whose rows a rewritten query found missing, so the next query rebuilds them.
-    pub async fn expire_jobs(&self, ids: &[String]) {
-        tracing::warn!(jobs = ids.len(), "preaggregated rows missing in ClickHouse; expiring the jobs");
-        if let Err(error) = self.store.expire_jobs(ids, now_micros(), "rows missing in ClickHouse").await {
+    /// Expires jobs a guard of a rewritten query (`why`: its message) found stale, so the next
+    /// query builds them again.
+    pub async fn expire_jobs(&self, ids: &[String], why: &str) {
+        tracing::warn!(jobs = ids.len(), %why, "expiring the jobs a rewritten query read");
+        if let Err(error) = self.store.expire_jobs(ids, now_micros(), why).await {
             tracing::warn!(%error, "cannot expire jobs");
         }
         self.jobs.invalidate_all();

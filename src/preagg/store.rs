@@ -243,8 +243,6 @@ pub struct Store {
     pool: AnyPool,
 }
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
 impl Store {
     /// Connects to `url` (`sqlite://PATH` or `postgres://...`) and runs the migrations. A SQLite
     /// file is created if missing.
@@ -273,7 +271,11 @@ impl Store {
             })
             .connect(&url)
             .await?;
-        MIGRATOR.run(&pool).await?;
+        // A store migrated by a newer proxy (replicas upgraded one by one, or a rollback) is still
+        // used: its migrations only add.
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await?;
         Ok(Store { pool })
     }
 

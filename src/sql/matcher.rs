@@ -137,8 +137,12 @@ pub struct Occurrence {
     pub range: (i64, i64),
     /// The raw time column, qualified, for PREWHERE (`` `events`.`timestamp` ``).
     pub time_column: String,
-    /// The source table as the body names it (unqualified: it resolves in the query's database).
-    pub source_table: String,
+    /// The database the body names its source table in (`posthog.events`); `None`: the query's
+    /// database.
+    pub source_database: Option<String>,
+    /// The tables whose mutations make a build of this body stale (the rule's `mutation_tables`),
+    /// in [`source_database`](Self::source_database).
+    pub mutation_tables: Vec<String>,
     /// The ingestion column of the source, qualified as [`time_column`](Self::time_column), when
     /// the rule names one.
     pub ingestion_column: Option<String>,
@@ -172,7 +176,7 @@ pub fn match_candidate(text: &str, tokens: &Tokens, candidate: &Candidate, rule:
     }
     let query = parse_body(tokens, range.clone())?;
     let select = plain_select(&query)?;
-    let (scope, source_alias) = scope_of(select, rule)?;
+    let (scope, source_alias, source_database) = scope_of(select, rule)?;
     let matcher = Matcher::new(&scope);
     let cut = Cutter { text, tokens };
 
@@ -315,7 +319,8 @@ pub fn match_candidate(text: &str, tokens: &Tokens, candidate: &Candidate, rule:
         upper,
         range: range_micros,
         time_column: format!("{}.{}", quote::identifier(&source_alias), quote::identifier(&rule.source.time_column)),
-        source_table: rule.source.table.clone(),
+        source_database,
+        mutation_tables: rule.source.mutation_tables.clone(),
         ingestion_column: rule
             .source
             .ingestion_column
@@ -427,7 +432,8 @@ fn plain_select(query: &Query) -> Result<&Select, Reason> {
 }
 
 /// The FROM scope: the rule's source table (optionally aliased) with LEFT/INNER joins.
-fn scope_of(select: &Select, rule: &Rule) -> Result<(Scope, String), Reason> {
+/// Also returns the alias the source is named by, and the database it is qualified with.
+fn scope_of(select: &Select, rule: &Rule) -> Result<(Scope, String, Option<String>), Reason> {
     let [TableWithJoins { relation, joins }] = select.from.as_slice() else { return Err(Reason::OtherSourceTable) };
     let TableFactor::Table { name, alias, args: None, with_hints, version: None, partitions, sample: None, .. } =
         relation
@@ -435,6 +441,11 @@ fn scope_of(select: &Select, rule: &Rule) -> Result<(Scope, String), Reason> {
         return Err(Reason::OtherSourceTable);
     };
     let table = name.0.last().and_then(|p| p.as_ident()).map(|i| i.value.clone()).ok_or(Reason::OtherSourceTable)?;
+    let database = match name.0.as_slice() {
+        [_] => None,
+        [database, _] => Some(database.as_ident().ok_or(Reason::OtherSourceTable)?.value.clone()),
+        _ => return Err(Reason::OtherSourceTable),
+    };
     if table != rule.source.table || !with_hints.is_empty() || !partitions.is_empty() {
         return Err(Reason::OtherSourceTable);
     }
@@ -468,7 +479,7 @@ fn scope_of(select: &Select, rule: &Rule) -> Result<(Scope, String), Reason> {
             _ => None,
         })
         .collect();
-    Ok((scope, alias.unwrap_or(table)))
+    Ok((scope, alias.unwrap_or(table), database))
 }
 
 fn relation_alias_has_columns(relation: &TableFactor) -> bool {

@@ -17,8 +17,9 @@ pub struct Target {
     pub database: String,
     /// Table name.
     pub table: String,
-    /// Cluster mode: read replicas in the order builds write them.
-    pub cluster: bool,
+    /// Cluster mode (the cluster's name): read replicas in the order builds write them, and the
+    /// mutations of every replica.
+    pub cluster: Option<String>,
 }
 
 impl Target {
@@ -103,10 +104,10 @@ pub const ROWS_MISSING: &str = "preagg-proxy: preaggregated rows missing";
 /// deleted or updated) after the builds it reads, or is being mutated.
 pub const SOURCE_MUTATED: &str = "preagg-proxy: source table mutated after the build";
 
-/// Whether an error from ClickHouse is one of the guards of [`replacement`] firing: the jobs read
+/// Which guard of [`replacement`] an error from ClickHouse says fired, if one did: the jobs read
 /// no longer stand for their windows and must be built again.
-pub fn guard_fired(error: &str) -> bool {
-    error.contains(ROWS_MISSING) || error.contains(SOURCE_MUTATED)
+pub fn guard_fired(error: &str) -> Option<&'static str> {
+    [ROWS_MISSING, SOURCE_MUTATED].into_iter().find(|guard| error.contains(guard))
 }
 
 /// What keeps a replacement exact when its source table changed after the builds it reads (each
@@ -118,16 +119,23 @@ pub struct Freshness {
     pub margin: i64,
 }
 
-/// The scalar subquery that throws while the source table has a mutation that is not done, or one
-/// created at or after `built` (an expression; `None`: only a mutation not done). ClickHouse
-/// records both `ALTER TABLE ... DELETE` and lightweight `DELETE FROM` in `system.mutations`.
-fn mutation_guard(occ: &Occurrence, built: Option<&str>) -> String {
+/// The scalar subquery that throws while a table of the source has a mutation that is not done,
+/// or one created at or after `built` (an expression; `None`: only a mutation not done). ClickHouse
+/// records both `ALTER TABLE ... DELETE` and lightweight `DELETE FROM` in `system.mutations`; in
+/// cluster mode every replica's are read.
+fn mutation_guard(occ: &Occurrence, target: &Target, built: Option<&str>) -> String {
     let recent = built.map_or(String::new(), |built| format!("create_time >= toDateTime({built}) OR "));
+    let mutations = match &target.cluster {
+        Some(cluster) => format!("clusterAllReplicas({}, system.mutations)", quote::string(cluster)),
+        None => "system.mutations".to_string(),
+    };
+    let database = occ.source_database.as_deref().map_or("currentDatabase()".to_string(), quote::string);
+    let tables: Vec<String> = occ.mutation_tables.iter().map(|t| quote::string(t)).collect();
     format!(
-        "(SELECT throwIf(count() != 0, {}) FROM system.mutations WHERE database = currentDatabase() \
-         AND table = {} AND ({recent}is_done = 0)) = 0",
+        "(SELECT throwIf(count() != 0, {}) FROM {mutations} WHERE database = {database} \
+         AND table IN ({}) AND ({recent}is_done = 0)) = 0",
         quote::string(SOURCE_MUTATED),
-        quote::string(&occ.source_table)
+        tables.join(", ")
     )
 }
 
@@ -201,7 +209,7 @@ pub fn replacement(
         .collect();
     let job_list = jobs.iter().map(|j| quote::string(&j.id)).collect::<Vec<_>>().join(", ");
     let expected_rows: u64 = jobs.iter().map(|j| j.rows).sum();
-    let read_settings = if target.cluster { " SETTINGS load_balancing = 'in_order'" } else { "" };
+    let read_settings = if target.cluster.is_some() { " SETTINGS load_balancing = 'in_order'" } else { "" };
     let table = target.qualified();
     let selection = format!("team_id = {} AND job_id IN ({job_list})", occ.team_id);
     let guard = format!(
@@ -211,7 +219,7 @@ pub fn replacement(
     // Mutations created since the oldest build read started, or not done, fail the stored branch.
     let oldest_build = jobs.iter().map(|job| job.built_at.div_euclid(1_000_000)).min();
     let guards = match (freshness, oldest_build) {
-        (Some(_), Some(oldest)) => format!("{guard} AND {}", mutation_guard(occ, Some(&oldest.to_string()))),
+        (Some(_), Some(oldest)) => format!("{guard} AND {}", mutation_guard(occ, target, Some(&oldest.to_string()))),
         _ => guard,
     };
     let mut branches =
@@ -255,15 +263,14 @@ pub struct BuildWindow {
 }
 
 /// The INSERT that fills `windows` (sorted, non-overlapping) in one scan: the body grouped by
-/// entity and by window, each window's rows tagged with its job id. With `refuse_while_mutating`
-/// it fails (writing nothing) while a mutation of the source table is not done: parts it has not
-/// reached yet would still show the rows it removes.
+/// entity and by window, each window's rows tagged with its job id. It fails (writing nothing)
+/// while a mutation of the source is not done: parts the mutation has not reached yet would still
+/// show the rows it removes.
 pub fn insert_statement(
     text: &str,
     occ: &Occurrence,
     windows: &[BuildWindow],
     target: &Target,
-    refuse_while_mutating: bool,
 ) -> Result<String, SpliceError> {
     let (Some(first), Some(last)) = (windows.first(), windows.last()) else {
         return Err(SpliceError::OutOfBounds(0..0));
@@ -302,11 +309,11 @@ pub fn insert_statement(
     let job_ids: Vec<String> = windows.iter().map(|w| quote::string(&w.job_id)).collect();
     let expiries: Vec<String> = windows.iter().map(|w| quote::datetime64(w.expires_at)).collect();
     let numbers = numbers.join(", ");
-    let guard = if refuse_while_mutating { format!(" WHERE {}", mutation_guard(occ, None)) } else { String::new() };
+    let guard = mutation_guard(occ, target, None);
     Ok(format!(
         "INSERT INTO {} (team_id, job_id, {}, computed_at, expires_at) SELECT {}, \
          transform({window_alias}, [{numbers}], [{}], ''), {}, now64(6, 'UTC'), \
-         transform({window_alias}, [{numbers}], [{}], {}) FROM ({}){guard}",
+         transform({window_alias}, [{numbers}], [{}], {}) FROM ({}) WHERE {guard}",
         target.qualified(),
         stored_list.join(", "),
         occ.team_id,

@@ -103,6 +103,10 @@ pub struct SourceTable {
     /// rows ingested after a window was built are read again from the source. `None`: stored
     /// windows hold only what was there at build time.
     pub ingestion_column: Option<String>,
+    /// The tables whose mutations (deletions, updates) change what the source holds: the source
+    /// itself, and where it is a `Distributed` table the local tables under it (PostHog's
+    /// `sharded_events`). A mutation of one since a build makes the build stale.
+    pub mutation_tables: Vec<String>,
 }
 
 /// The preaggregate table of a rule.
@@ -245,6 +249,8 @@ struct SourceFile {
     time_column_precision: u32,
     team_column: String,
     ingestion_column: Option<String>,
+    #[serde(default)]
+    mutation_tables: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,6 +308,10 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
     if let Some(column) = &s.ingestion_column {
         identifier(column).map_err(|m| err("source.ingestion_column", m))?;
     }
+    for (i, table) in s.mutation_tables.iter().enumerate() {
+        identifier(table).map_err(|m| err(&format!("source.mutation_tables[{i}]"), m))?;
+    }
+    let mutation_tables = if s.mutation_tables.is_empty() { vec![s.table.clone()] } else { s.mutation_tables.clone() };
     let time_column_timezone: chrono_tz::Tz = s
         .time_column_timezone
         .parse()
@@ -394,6 +404,7 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
             time_column_precision: s.time_column_precision,
             team_column: s.team_column.clone(),
             ingestion_column: s.ingestion_column.clone(),
+            mutation_tables,
         },
         target: TargetTable { table: raw.target.table, entity: raw.target.entity },
         predicates,

@@ -174,6 +174,14 @@ pub fn for_builds(settings: &BTreeMap<String, String>) -> BTreeMap<String, Strin
         .collect()
 }
 
+/// Whether a boolean setting is on in `settings` (`1` or `true`, as ClickHouse reads them).
+pub fn enabled(settings: &BTreeMap<String, String>, name: &str) -> bool {
+    settings.get(name).is_some_and(|value| {
+        let value = value.trim().trim_matches('\'');
+        value == "1" || value.eq_ignore_ascii_case("true")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
