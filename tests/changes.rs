@@ -308,3 +308,90 @@ async fn a_query_that_asks_for_the_query_cache_is_not_rewritten() {
     assert_same(&run(&server.url(), &sql).await, &through, "query cache");
     assert_eq!(through.preagg, "passthrough reason=query_cache");
 }
+
+/// One change to the source after a build, as generated.
+#[derive(Debug, Clone)]
+enum Change {
+    /// An exposure at `day` days and `hour` hours after LO, `delta` microseconds off that edge, of
+    /// a new person (`None`) or of the `n`th exposed one, in `variant`.
+    Late { day: i64, hour: i64, delta: i64, existing: Option<u8>, variant: &'static str },
+    /// All events of the `n`th exposed person deleted.
+    Delete(u8),
+}
+
+fn change() -> impl proptest::strategy::Strategy<Value = Change> {
+    use proptest::prelude::*;
+    let variant = prop_oneof![Just("control"), Just("test")];
+    prop_oneof![
+        4 => (0..12i64, 0..24i64, -1..=1i64, proptest::option::of(0..20u8), variant).prop_map(
+            |(day, hour, delta, existing, variant)| Change::Late { day, hour, delta, existing, variant }
+        ),
+        1 => (0..20u8).prop_map(Change::Delete),
+    ]
+}
+
+/// The `n`th exposed entity of the range (by first exposure): distinct id and person id.
+async fn nth_exposed(server: &ChServer, n: u8) -> (String, String) {
+    let answer = run(
+        &server.url(),
+        &format!(
+            "SELECT distinct_id, toString(person_id) FROM events WHERE team_id = {TEAM} \
+             AND event = '$feature_flag_called' AND JSONExtractString(properties, '$feature_flag') = '{FLAG}' \
+             AND timestamp >= '{LO}' AND timestamp < '{HI}' ORDER BY timestamp, uuid LIMIT 1 OFFSET {n}"
+        ),
+    )
+    .await;
+    let fields: Vec<String> = answer.lines[2].split('\t').map(str::to_string).collect();
+    (fields[0].clone(), fields[1].clone())
+}
+
+/// The statement that makes `change`; `serial` keeps new persons apart.
+async fn statement(server: &ChServer, change: &Change, serial: u32) -> String {
+    match change {
+        Change::Late { day, hour, delta, existing, variant } => {
+            let edge = common::equivalence::shift(LO, (day * 24 + hour) * 3_600_000_000);
+            let at = common::equivalence::shift(&edge, *delta);
+            match existing {
+                None => exposure(&at, 10_000 + serial, &format!("late-{serial}"), variant),
+                Some(n) => {
+                    let (distinct_id, person_id) = nth_exposed(server, *n).await;
+                    exposure(&at, 0, &distinct_id, variant)
+                        .replace("toUUID('00000000-0000-4000-8000-000000000000')", &format!("toUUID('{person_id}')"))
+                }
+            }
+        }
+        Change::Delete(n) => {
+            let (_, person_id) = nth_exposed(server, *n).await;
+            format!("ALTER TABLE events DELETE WHERE person_id = toUUID('{person_id}') SETTINGS mutations_sync = 2")
+        }
+    }
+}
+
+#[test]
+fn generated_sequences_of_late_events_and_deletions_stay_exact() {
+    use proptest::test_runner::{Config, TestRunner, contextualize_config};
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let sql = forms(TEAM, FLAG)[0].query(LO, HI);
+    let (server, proxy) = runtime.block_on(built(&sql));
+    let serial = std::sync::atomic::AtomicU32::new(0);
+    let mut runner = TestRunner::new(contextualize_config(Config { cases: 6, ..Config::default() }));
+    let result = runner.run(&proptest::collection::vec(change(), 1..4), |changes| {
+        runtime.block_on(async {
+            for change in &changes {
+                let n = serial.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                exec(&server.url(), &statement(&server, change, n).await);
+            }
+            // At once: rewritten and exact after late events, the original after a deletion.
+            let direct = run(&server.url(), &sql).await;
+            let through = run(&proxy.url(), &sql).await;
+            assert_same(&direct, &through, &format!("right after {changes:?}"));
+            // And once the windows are built again.
+            let warm = until_rewritten(&proxy.url(), &sql, Duration::from_secs(60)).await;
+            assert_same(&direct, &warm, &format!("rewritten after {changes:?}"));
+        });
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
