@@ -16,12 +16,25 @@ const FLAG: &str = "test-experiment";
 const LO: &str = "2026-10-01 00:00:00.000000";
 const HI: &str = "2026-10-13 00:00:00.000000";
 
+/// A server with seeded data: 14 days from 2026-10-01.
+fn seeded_server(events: u32, seed: u32) -> ChServer {
+    let server = ChServer::start();
+    let (events, seed) = (events.to_string(), seed.to_string());
+    server.generate(&["--events", &events, "--seed", &seed, "--start", "2026-10-01", "--days", "14"]);
+    server
+}
+
+/// A proxy in front of `server` with `settings`, its engine ready.
+fn proxy_for(server: &ChServer, settings: &[(&str, &str)]) -> ProxyProcess {
+    let proxy = ProxyProcess::start(&server.url(), settings);
+    proxy.wait_engine_ready();
+    proxy
+}
+
 /// A server with seeded data and a proxy in front of it whose windows for `sql` are built.
 async fn built(sql: &str) -> (ChServer, ProxyProcess) {
-    let server = ChServer::start();
-    server.generate(&["--events", "60000", "--seed", "7", "--start", "2026-10-01", "--days", "14"]);
-    let proxy = ProxyProcess::start(&server.url(), &[]);
-    proxy.wait_engine_ready();
+    let server = seeded_server(60_000, 7);
+    let proxy = proxy_for(&server, &[]);
     let warm = until_rewritten(&proxy.url(), sql, Duration::from_secs(60)).await;
     assert_same(&run(&server.url(), sql).await, &warm, "before any change");
     (server, proxy)
@@ -145,10 +158,8 @@ async fn deleted_events_are_never_served_and_the_windows_are_built_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_exactness_off_stored_windows_are_served_as_built() {
     let sql = forms(TEAM, FLAG)[0].query(LO, HI);
-    let server = ChServer::start();
-    server.generate(&["--events", "60000", "--seed", "7", "--start", "2026-10-01", "--days", "14"]);
-    let proxy = ProxyProcess::start(&server.url(), &[("exact_under_change", "false")]);
-    proxy.wait_engine_ready();
+    let server = seeded_server(60_000, 7);
+    let proxy = proxy_for(&server, &[("exact_under_change", "false")]);
     let built = until_rewritten(&proxy.url(), &sql, Duration::from_secs(60)).await;
     exec(&server.url(), &exposure("2026-10-03 10:00:00.000001", 9001, "late-9001", "test"));
     let direct = run(&server.url(), &sql).await;
@@ -187,10 +198,8 @@ async fn one_more_comparison(server: &ChServer, proxy: &ProxyProcess, sql: &str,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_mode_during_changes_counts_no_mismatch() {
     let sql = forms(TEAM, FLAG)[0].query(LO, HI);
-    let server = ChServer::start();
-    server.generate(&["--events", "60000", "--seed", "11", "--start", "2026-10-01", "--days", "14"]);
-    let proxy = ProxyProcess::start(&server.url(), &[("mode", "shadow")]);
-    proxy.wait_engine_ready();
+    let server = seeded_server(60_000, 11);
+    let proxy = proxy_for(&server, &[("mode", "shadow")]);
     one_more_comparison(&server, &proxy, &sql, 0.0, "before any change").await;
     let (distinct_id, person_id, variant) = first_exposed(&server).await;
     let other = if variant == "control" { "test" } else { "control" };
@@ -237,8 +246,7 @@ async fn a_mutation_of_a_table_under_the_source_is_seen() {
     // PostHog's `events` is a Distributed table over `sharded_events`, where deletions run. Here
     // a Merge table stands for it (chdb has no cluster): the rule names both in mutation_tables.
     let sql = forms(TEAM, FLAG)[0].query(LO, HI);
-    let server = ChServer::start();
-    server.generate(&["--events", "60000", "--seed", "7", "--start", "2026-10-01", "--days", "14"]);
+    let server = seeded_server(60_000, 7);
     exec(
         &server.url(),
         "CREATE DATABASE layered;\n\
@@ -249,8 +257,7 @@ async fn a_mutation_of_a_table_under_the_source_is_seen() {
          CREATE TABLE layered.person_distinct_id_overrides AS default.person_distinct_id_overrides;\n\
          INSERT INTO layered.person_distinct_id_overrides SELECT * FROM default.person_distinct_id_overrides",
     );
-    let proxy = ProxyProcess::start(&server.url(), &[]);
-    proxy.wait_engine_ready();
+    let proxy = proxy_for(&server, &[]);
     rewritten_in(&server, &proxy, "layered", &sql, "over the Merge table").await;
     let (_, person_id, _) = first_exposed(&server).await;
     exec(
@@ -271,16 +278,14 @@ async fn a_mutation_of_a_table_under_the_source_is_seen() {
 async fn a_source_named_with_its_database_is_guarded_in_that_database() {
     // The query runs in another database and names `default.events`: the guard must look there.
     let sql = forms(TEAM, FLAG)[0].query(LO, HI).replace("FROM events", "FROM default.events");
-    let server = ChServer::start();
-    server.generate(&["--events", "60000", "--seed", "7", "--start", "2026-10-01", "--days", "14"]);
+    let server = seeded_server(60_000, 7);
     exec(
         &server.url(),
         "CREATE DATABASE elsewhere;\n\
          CREATE TABLE elsewhere.person_distinct_id_overrides AS default.person_distinct_id_overrides;\n\
          INSERT INTO elsewhere.person_distinct_id_overrides SELECT * FROM default.person_distinct_id_overrides",
     );
-    let proxy = ProxyProcess::start(&server.url(), &[]);
-    proxy.wait_engine_ready();
+    let proxy = proxy_for(&server, &[]);
     rewritten_in(&server, &proxy, "elsewhere", &sql, "qualified source").await;
     let (_, person_id, _) = first_exposed(&server).await;
     exec(
@@ -300,10 +305,8 @@ async fn a_query_that_asks_for_the_query_cache_is_not_rewritten() {
     let sql =
         forms(TEAM, FLAG)[0].query(LO, HI).replace("SETTINGS readonly=2,", "SETTINGS use_query_cache=1, readonly=2,");
     assert!(sql.contains("use_query_cache=1"));
-    let server = ChServer::start();
-    server.generate(&["--events", "20000", "--seed", "7", "--start", "2026-10-01", "--days", "14"]);
-    let proxy = ProxyProcess::start(&server.url(), &[]);
-    proxy.wait_engine_ready();
+    let server = seeded_server(20_000, 7);
+    let proxy = proxy_for(&server, &[]);
     let through = run(&proxy.url(), &sql).await;
     assert_same(&run(&server.url(), &sql).await, &through, "query cache");
     assert_eq!(through.preagg, "passthrough reason=query_cache");
