@@ -122,8 +122,8 @@ keys! {
     cluster: Option<String> = None, optional(parse_identifier);
     /// A window is built only once its end is this much older than now
     seal_after: Duration = Some("2h"), required(parse_duration);
-    /// Jobs expiring within this buffer are not served
-    expiry_buffer: Duration = Some("1h"), required(parse_duration);
+    /// Jobs expiring within this buffer are not served (rows must outlive the queries reading them); shorter than the shortest lifetime of `expiry_bands`
+    expiry_buffer: Duration = Some("10m"), required(parse_duration);
     /// Job lifetime by how soon after its window's end it was built
     expiry_bands: ExpiryBands = Some("1d=1h,4d=18h,*=7d"), required(parse_expiry_bands);
     /// background (first query answered by the original) or wait (first query waits for the build)
@@ -320,6 +320,11 @@ pub struct ExpiryBands {
 }
 
 impl ExpiryBands {
+    /// The shortest lifetime any job gets.
+    pub fn shortest_lifetime(&self) -> Duration {
+        self.bands.iter().map(|(_, life)| *life).chain([self.otherwise]).min().unwrap_or(self.otherwise)
+    }
+
     /// Lifetime of a job whose window ended `age` before it was built.
     pub fn lifetime(&self, age: Duration) -> Duration {
         self.bands.iter().find(|(limit, _)| age <= *limit).map(|(_, life)| *life).unwrap_or(self.otherwise)
@@ -508,7 +513,18 @@ impl Config {
         for (name, value) in &args.values {
             values.insert(name, value.clone());
         }
-        Config::from_merged(&Merged { values })
+        let merged = Merged { values };
+        let config = Config::from_merged(&merged)?;
+        let shortest = config.expiry_bands.shortest_lifetime();
+        if config.expiry_buffer >= shortest {
+            let message = format!(
+                "must be shorter than the shortest job lifetime of expiry_bands ({}): such jobs would be built \
+                 and never served",
+                humantime::format_duration(shortest)
+            );
+            return Err(merged.invalid("expiry_buffer", message));
+        }
+        Ok(config)
     }
 
     /// The endpoint of the proxy's own statements: `clickhouse_url`, else `upstream`.
@@ -797,6 +813,16 @@ mod tests {
         }
         let err = Config::load(&args(&[("upstream", "http://u:p@localhost:8123")]), None).unwrap_err();
         assert!(err.to_string().contains("credentials do not belong"), "{err}");
+    }
+
+    #[test]
+    fn an_expiry_buffer_that_outlasts_the_shortest_lifetime_is_refused() {
+        // Before 10m was the default, 1h against the 1h of windows built within a day of their
+        // end: a running experiment's last day was built on every query and never served.
+        let e = Config::load(&args(&[("expiry_buffer", "1h")]), None).unwrap_err().to_string();
+        assert!(e.contains("expiry_buffer") && e.contains("never served") && e.contains("1h"), "{e}");
+        let ok = Config::load(&args(&[("expiry_buffer", "1h"), ("expiry_bands", "1d=2h,*=7d")]), None).unwrap();
+        assert_eq!(ok.expiry_bands.shortest_lifetime(), Duration::from_secs(7200));
     }
 
     #[test]
