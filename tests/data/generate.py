@@ -139,8 +139,9 @@ class Generator:
                      f" + 1000 * ({self.hash('time', 'person_key', 'seq')} % 86399999)), 'UTC')")
         return f"""
 INSERT INTO events (uuid, event, properties, timestamp, team_id, distinct_id, person_id, `$session_id`,
-                    elements_chain, created_at, _timestamp)
-SELECT uuid, event, properties, timestamp, team, distinct_id, person, session, '', created_at, toDateTime(created_at)
+                    elements_chain, created_at, _timestamp, inserted_at)
+SELECT uuid, event, properties, timestamp, team, distinct_id, person, session, '', created_at, toDateTime(created_at),
+       created_at
 FROM
 (
     SELECT *,
