@@ -174,6 +174,15 @@ async fn shadowed(proxy: &ProxyProcess, result: &str) -> f64 {
     common::metric(&proxy.metrics().await, "preagg_shadow_total", &[("result", result)])
 }
 
+/// Shadow comparisons that ended so far (matched, mismatched, failed or noisy), from one scrape.
+async fn comparisons_ended(proxy: &ProxyProcess) -> f64 {
+    let metrics = proxy.metrics().await;
+    ["match", "mismatch", "error", "noise"]
+        .into_iter()
+        .map(|result| common::metric(&metrics, "preagg_shadow_total", &[("result", result)]))
+        .sum()
+}
+
 /// Asks through the shadowing proxy until one more comparison than `before` has ended; the client
 /// always gets the direct rows.
 async fn one_more_comparison(server: &ChServer, proxy: &ProxyProcess, sql: &str, before: f64, what: &str) {
@@ -183,12 +192,7 @@ async fn one_more_comparison(server: &ChServer, proxy: &ProxyProcess, sql: &str,
         let through = run(&proxy.url(), sql).await;
         assert_same(&direct, &through, what);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let ended = ["match", "mismatch", "error", "noise"];
-        let mut total = 0.0;
-        for result in ended {
-            total += shadowed(proxy, result).await;
-        }
-        if total > before {
+        if comparisons_ended(proxy).await > before {
             return;
         }
         assert!(started.elapsed() < Duration::from_secs(60), "{what}: no comparison ended");
@@ -210,10 +214,7 @@ async fn shadow_mode_during_changes_counts_no_mismatch() {
         format!("ALTER TABLE events DELETE WHERE person_id = toUUID('{person_id}') SETTINGS mutations_sync = 2"),
     ];
     for (i, change) in changes.iter().enumerate() {
-        let before = shadowed(&proxy, "match").await
-            + shadowed(&proxy, "mismatch").await
-            + shadowed(&proxy, "error").await
-            + shadowed(&proxy, "noise").await;
+        let before = comparisons_ended(&proxy).await;
         exec(&server.url(), change);
         one_more_comparison(&server, &proxy, &sql, before, &format!("change {i}")).await;
     }

@@ -220,7 +220,7 @@ impl Engine {
                 let message = crate::error::error_chain(error);
                 // The table may be gone (dropped, or a new node): create it again before the next
                 // build; a build refused while the source is mutated says nothing about the table.
-                if !message.contains(rewrite::SOURCE_MUTATED) {
+                if rewrite::guard_fired(&message) != Some(rewrite::SOURCE_MUTATED) {
                     self.tables.lock().await.remove(&rule.name);
                 }
                 if let Err(store_error) = self.store.mark_failed(&ids, &self.owner, &message).await {

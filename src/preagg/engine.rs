@@ -449,8 +449,9 @@ impl Engine {
                 id: j.id.clone(),
                 window: j.window,
                 rows: j.rows_written.unwrap_or(0).max(0) as u64,
-                // Only served without exactness when unknown; it then dates nothing.
-                built_at: j.source_seen_at.unwrap_or(j.created_at),
+                // Unknown only when exactness is off (else filtered out above), which reads no
+                // build time.
+                built_at: j.source_seen_at.unwrap_or_default(),
             })
             .collect();
         let plan = plan::plan(occ.range, &ready, now, settings.seal_after);
