@@ -344,7 +344,10 @@ fn mutation_guard(sql: &str) -> Option<(usize, usize)> {
 fn late_branch(sql: &str) -> Option<(usize, usize)> {
     let at = sql.find(" >= multiIf(").or_else(|| sql.find("`inserted_at` >= "))?;
     let start = sql[..at].rfind(" UNION ALL ")?;
-    let end = at + sql[at..].find(") GROUP BY `__preagg_")?;
+    // The branches end before the re-aggregation: grouped by the stored entity, or (keyed by
+    // identity) joined under the source's name.
+    let ends = [") GROUP BY `__preagg_", ") AS `"];
+    let end = at + ends.iter().filter_map(|e| sql[at..].find(e)).min()?;
     Some((start, end))
 }
 
@@ -425,9 +428,17 @@ fn measure(upstream: &str, range: &Range, what: &'static str, sql: &str, runs: u
     }
     let (proxies, _dir) = warm.expect("warm proxies");
     let urls: Vec<String> = proxies.iter().map(|p| with_database(&p.url, database)).collect();
-    // One query each before measuring: new upstream connections, job lookups.
+    // One query each before measuring: new upstream connections, job lookups. A proxy with
+    // exactness off stores bodies with joins per entity, not per identity: other jobs, built here.
     for (p, url) in proxies.iter().zip(&urls) {
-        let (_, header, body) = curl(url, sql);
+        let (mut header, mut body) = (String::new(), String::new());
+        for _ in 0..3 {
+            (_, header, body) = curl(url, sql);
+            if !header.contains("building") {
+                break;
+            }
+            settle(p);
+        }
         assert!(header.starts_with("rewritten"), "{header}");
         assert_eq!(sorted(&body), sorted(&answer), "warm answer differs");
         settle(p);
@@ -583,8 +594,9 @@ fn main() {
     }
     table.push_str(
         "\nWarm (windows built; direct and every proxy interleaved, each proxy with `build = background`, \
-         the default; exact: `exact_under_change = true`, the default; not exact: `--exact-under-change false`; \
-         jobs / raw_ranges from X-Preagg; builds: started in the background per warm query):\n\n\
+         the default; exact: `exact_under_change = true`, the default; not exact: \
+         `--exact-under-change false`, which stores rows per entity (its own jobs) and adds no \
+         correction; jobs / raw_ranges from X-Preagg; builds: started in the background per warm query):\n\n\
          | range | query | direct | warm, exact | speedup | warm, not exact | speedup | exact / not exact | jobs / \
          raw_ranges (exact) | jobs / raw_ranges (not exact) | builds (exact, not exact) |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",

@@ -130,7 +130,11 @@ fn edge_view(r: &RawRange, range: (i64, i64)) -> WindowView {
 pub fn explain(request: &Request) -> Explanation {
     let now = time(request.now);
     // The same context the live proxy hashes with, so the hashes shown are the jobs' hashes.
-    let context = sql::Context { preagg_database: request.preagg_database.clone(), ..request.context.clone() };
+    let context = sql::Context {
+        preagg_database: request.preagg_database.clone(),
+        identity_at_read: request.exact_under_change,
+        ..request.context.clone()
+    };
     let analysis = match sql::analyze(request.rules, request.text, &context, request.budget) {
         Ok(a) => a,
         Err(reason) => {

@@ -99,6 +99,13 @@ pub enum Reason {
     /// could not follow later changes, and ClickHouse refuses to cache the guard's read of
     /// `system.mutations`.
     QueryCache,
+    /// `exact_under_change` is on and an aggregate of a body that joins other relations reads a
+    /// joined column: with the joins run at read time, per-identity partials could not compute it.
+    JoinedAggregate,
+    /// `exact_under_change` is on and the entity, a join condition or a filter on a joined
+    /// relation reads a source column the rule does not store per identity (its
+    /// `identity_columns`), or names the source in a way the read-time join cannot.
+    UnstoredIdentity,
     /// Shadow mode: the client gets the original; the rewrite is compared in the background.
     Shadow,
 }
@@ -171,6 +178,8 @@ reason_codes! {
     UnknownCredentials => "unknown_credentials",
     NoIngestionColumn => "no_ingestion_column",
     QueryCache => "query_cache",
+    JoinedAggregate => "joined_aggregate",
+    UnstoredIdentity => "unstored_identity",
     Shadow => "shadow",
 }
 

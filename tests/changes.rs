@@ -1,8 +1,9 @@
 //! Exactness under change, on the real engine: windows are built and served, then the source
-//! changes the way production data does after a build (late events, deletions), and the answer
-//! through the proxy is the direct one at once. Late events are served rewritten (the rows
-//! ingested since the build are read again); a deletion fails the rewrite over to the original
-//! until the windows are built again.
+//! changes the way production data does after a build (late events, identity merges and
+//! unmerges, deletions), and the answer through the proxy is the direct one at once. Late events
+//! are served rewritten (the rows ingested since the build are read again), and so are identity
+//! changes (stored rows are per distinct id and the overrides join runs at read time); a deletion
+//! fails the rewrite over to the original until the windows are built again.
 
 mod common;
 
@@ -67,6 +68,16 @@ fn exposure(at: &str, person: u32, distinct_id: &str, variant: &str) -> String {
     )
 }
 
+/// An override row: `distinct_id` belongs to `person_id` from `version` on (or no longer to
+/// anyone, `deleted`), as PostHog writes when persons merge or a merge is undone.
+fn override_row(distinct_id: &str, person_id: &str, deleted: bool, version: u32) -> String {
+    format!(
+        "INSERT INTO person_distinct_id_overrides (team_id, distinct_id, person_id, is_deleted, version) \
+         VALUES ({TEAM}, '{distinct_id}', toUUID('{person_id}'), {}, {version})",
+        u8::from(deleted)
+    )
+}
+
 /// The first exposed entity of the range: its distinct id, person id and variant.
 async fn first_exposed(server: &ChServer) -> (String, String, String) {
     let answer = run(
@@ -121,6 +132,81 @@ async fn late_events_after_a_build_are_served_exactly_at_once() {
         exec(&server.url(), &exposure("2026-10-05 12:00:00.000000", 9002, "late-9002", "control"));
         served_exactly(&server, &proxy, &sql, &format!("{}, after another late exposure", form.name)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_changes_after_a_build_are_served_exactly_at_once() {
+    let sql = forms(TEAM, FLAG)[0].query(LO, HI);
+    let (server, proxy) = built(&sql).await;
+    let before = run(&server.url(), &sql).await;
+    let (first_distinct_id, _) = nth_exposed(&server, 0).await;
+    let (_, other_person) = nth_exposed(&server, 7).await;
+
+    // The first exposed distinct id is merged into another exposed person.
+    exec(&server.url(), &override_row(&first_distinct_id, &other_person, false, 1000));
+    let merged = served_exactly(&server, &proxy, &sql, "a merge after the build").await;
+    assert_ne!(before.lines, merged.lines, "the merge changes the direct answer");
+
+    // The merge is undone: the override is deleted in a newer version.
+    exec(&server.url(), &override_row(&first_distinct_id, &other_person, true, 1001));
+    let unmerged = served_exactly(&server, &proxy, &sql, "an override deleted after the build").await;
+    assert!(same_rows(&before, &unmerged).is_ok(), "undoing the merge gives the first answer back");
+
+    // Merged back, and an override of a person merged at generation time deleted.
+    exec(&server.url(), &override_row(&first_distinct_id, &other_person, false, 1002));
+    served_exactly(&server, &proxy, &sql, "merged back").await;
+    let merged_at_start = run(
+        &server.url(),
+        &format!(
+            "SELECT distinct_id, toString(argMax(person_id, version)) FROM person_distinct_id_overrides \
+             WHERE team_id = {TEAM} GROUP BY distinct_id HAVING argMax(is_deleted, version) = 0 \
+             ORDER BY distinct_id LIMIT 1"
+        ),
+    )
+    .await;
+    let fields: Vec<&str> = merged_at_start.lines[2].split('\t').collect();
+    exec(&server.url(), &override_row(fields[0], fields[1], true, 1003));
+    served_exactly(&server, &proxy, &sql, "an override of the generated data deleted").await;
+
+    // Every form, cold and warm, then after one more merge.
+    for form in forms(TEAM, FLAG) {
+        let sql = form.query(LO, HI);
+        let direct = run(&server.url(), &sql).await;
+        assert_same(&direct, &run(&proxy.url(), &sql).await, &format!("{} cold", form.name));
+        let warm = until_rewritten(&proxy.url(), &sql, Duration::from_secs(60)).await;
+        assert_same(&direct, &warm, &format!("{} warm", form.name));
+    }
+    let (distinct_id, _) = nth_exposed(&server, 3).await;
+    exec(&server.url(), &override_row(&distinct_id, &other_person, false, 1004));
+    for form in forms(TEAM, FLAG) {
+        served_exactly(&server, &proxy, &form.query(LO, HI), &format!("{}, after another merge", form.name)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_made_before_identity_columns_is_upgraded_and_served() {
+    let sql = forms(TEAM, FLAG)[0].query(LO, HI);
+    let server = seeded_server(20_000, 3);
+    // The table as versions before identity keying created it.
+    exec(
+        &server.url(),
+        "CREATE TABLE experiment_exposures_preaggregated (team_id Int64, job_id String, `entity_id` String, \
+         `variant` Nullable(String), `first_exposure_time` DateTime64(6, 'UTC'), \
+         `last_exposure_time` DateTime64(6, 'UTC'), `exposure_event_uuid` UUID, \
+         `exposure_session_id` Nullable(String), computed_at DateTime64(6, 'UTC'), \
+         expires_at DateTime64(6, 'UTC')) ENGINE = ReplacingMergeTree(computed_at) \
+         ORDER BY (team_id, job_id, `entity_id`) TTL toDateTime(expires_at)",
+    );
+    let proxy = proxy_for(&server, &[]);
+    let warm = until_rewritten(&proxy.url(), &sql, Duration::from_secs(60)).await;
+    assert_same(&run(&server.url(), &sql).await, &warm, "served from the upgraded table");
+    let key = run(
+        &server.url(),
+        "SELECT sorting_key FROM system.tables WHERE database = currentDatabase() \
+         AND name = 'experiment_exposures_preaggregated'",
+    )
+    .await;
+    assert_eq!(key.lines[2], "team_id, job_id, entity_id, distinct_id, person_id");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,6 +407,10 @@ enum Change {
     Late { day: i64, hour: i64, delta: i64, existing: Option<u8>, variant: &'static str },
     /// All events of the `n`th exposed person deleted.
     Delete(u8),
+    /// The distinct id of the `n`th exposed event's person merged into the `m`th's person.
+    Merge(u8, u8),
+    /// The override of the `n`th exposed event's distinct id deleted (a merge undone).
+    Unmerge(u8),
 }
 
 fn change() -> impl proptest::strategy::Strategy<Value = Change> {
@@ -331,6 +421,8 @@ fn change() -> impl proptest::strategy::Strategy<Value = Change> {
             |(day, hour, delta, existing, variant)| Change::Late { day, hour, delta, existing, variant }
         ),
         1 => (0..20u8).prop_map(Change::Delete),
+        2 => (0..20u8, 0..20u8).prop_map(|(n, m)| Change::Merge(n, m)),
+        1 => (0..20u8).prop_map(Change::Unmerge),
     ]
 }
 
@@ -368,11 +460,20 @@ async fn statement(server: &ChServer, change: &Change, serial: u32) -> String {
             let (_, person_id) = nth_exposed(server, *n).await;
             format!("ALTER TABLE events DELETE WHERE person_id = toUUID('{person_id}') SETTINGS mutations_sync = 2")
         }
+        Change::Merge(n, m) => {
+            let (distinct_id, _) = nth_exposed(server, *n).await;
+            let (_, person_id) = nth_exposed(server, *m).await;
+            override_row(&distinct_id, &person_id, false, 1000 + serial)
+        }
+        Change::Unmerge(n) => {
+            let (distinct_id, person_id) = nth_exposed(server, *n).await;
+            override_row(&distinct_id, &person_id, true, 1000 + serial)
+        }
     }
 }
 
 #[test]
-fn generated_sequences_of_late_events_and_deletions_stay_exact() {
+fn generated_sequences_of_late_events_merges_and_deletions_stay_exact() {
     use proptest::test_runner::{Config, TestRunner, contextualize_config};
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let sql = forms(TEAM, FLAG)[0].query(LO, HI);
@@ -385,7 +486,8 @@ fn generated_sequences_of_late_events_and_deletions_stay_exact() {
                 let n = serial.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 exec(&server.url(), &statement(&server, change, n).await);
             }
-            // At once: rewritten and exact after late events, the original after a deletion.
+            // At once: rewritten and exact after late events and merges, the original after a
+            // deletion.
             let direct = run(&server.url(), &sql).await;
             let through = run(&proxy.url(), &sql).await;
             assert_same(&direct, &through, &format!("right after {changes:?}"));

@@ -208,23 +208,24 @@ async fn a_tampered_preaggregated_row_is_reported_as_a_mismatch_with_a_sample() 
     // the rewrite's row-count guard cannot notice.
     let jobs = ready_job_ids(&proxy, None).await;
     let table = format!("{database}.experiment_exposures_preaggregated");
+    // Rows are per identity (the body joins the person overrides): one distinct id's row.
     let victim = select(&format!(
-        "SELECT toString(entity_id), job_id FROM {table} FINAL WHERE team_id = {TEAM} AND variant = 'control' \
-         AND job_id IN ({}) ORDER BY entity_id, job_id LIMIT 1",
+        "SELECT distinct_id, job_id FROM {table} FINAL WHERE team_id = {TEAM} AND variant = 'control' \
+         AND job_id IN ({}) ORDER BY distinct_id, job_id LIMIT 1",
         jobs.iter().map(|j| format!("'{j}'")).collect::<Vec<_>>().join(", ")
     ));
-    let (entity, job) = victim[0].split_once('\t').unwrap();
+    let (distinct_id, job) = victim[0].split_once('\t').unwrap();
     let rows_before = select(&format!("SELECT count() FROM {table}"));
     exec(
         &SERVER.url(),
         &format!(
-            "ALTER TABLE {table} UPDATE variant = 'test' WHERE toString(entity_id) = '{entity}' AND job_id = '{job}' \
+            "ALTER TABLE {table} UPDATE variant = 'test' WHERE distinct_id = '{distinct_id}' AND job_id = '{job}' \
              SETTINGS mutations_sync = 2"
         ),
     );
     assert_eq!(select(&format!("SELECT count() FROM {table}")), rows_before);
     assert_eq!(
-        select(&format!("SELECT variant FROM {table} WHERE toString(entity_id) = '{entity}' AND job_id = '{job}'")),
+        select(&format!("SELECT variant FROM {table} WHERE distinct_id = '{distinct_id}' AND job_id = '{job}'")),
         vec!["test".to_string()]
     );
 

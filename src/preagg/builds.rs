@@ -66,6 +66,14 @@ pub enum BuildError {
     /// DESCRIBE did not list the stored columns.
     #[error("DESCRIBE returned columns {0:?}, expected the stored columns")]
     Columns(Vec<String>),
+    /// The source's type of an identity column is not the type the rule stores it in.
+    #[error("identity column `{column}` is `{found}` in the source, not the rule's type")]
+    IdentityType {
+        /// The column.
+        column: String,
+        /// Its type in the source.
+        found: String,
+    },
 }
 
 /// The missing windows of a plan, by what they are waiting for.
@@ -250,6 +258,16 @@ impl Engine {
             let names: Vec<String> = described.iter().map(|(n, _)| n.clone()).collect();
             if names.iter().map(String::as_str).ne(occ.stored_columns()) {
                 return Err(BuildError::Columns(names));
+            }
+            // Identity columns are stored in the rule's type: the source's must be that type, or
+            // read time would join on converted values.
+            for (name, ty) in &described {
+                if let Some(column) = found.rule.source.identity_columns.iter().find(|c| &c.name == name)
+                    && ty != &column.stored_type
+                    && *ty != format!("LowCardinality({})", column.stored_type)
+                {
+                    return Err(BuildError::IdentityType { column: name.clone(), found: ty.clone() });
+                }
             }
             let types = described.into_iter().map(|(_, t)| t).collect();
             let record = ShapeRecord { names, types };

@@ -34,6 +34,20 @@ pub struct Layout {
     pub cluster: Option<String>,
 }
 
+/// The row key of a rule's table: a job's rows are one per entity, or one per identity (the
+/// entity column empty).
+fn row_key(rule: &Rule) -> Vec<String> {
+    std::iter::once(&rule.target.entity)
+        .chain(rule.source.identity_columns.iter().map(|c| &c.name))
+        .map(|name| quote::identifier(name))
+        .collect()
+}
+
+/// The identity columns as column definitions.
+fn identity_definitions(rule: &Rule) -> Vec<String> {
+    rule.source.identity_columns.iter().map(|c| format!("{} {}", quote::identifier(&c.name), c.stored_type)).collect()
+}
+
 /// The DDL that creates a rule's table if missing: one ReplacingMergeTree table, or in cluster
 /// mode a replicated local table on every node plus a Distributed table over them.
 pub fn table_ddl(rule: &Rule, layout: &Layout) -> Vec<String> {
@@ -42,10 +56,12 @@ pub fn table_ddl(rule: &Rule, layout: &Layout) -> Vec<String> {
         "job_id String".to_string(),
         format!("{} String", quote::identifier(&rule.target.entity)),
     ];
+    columns.extend(identity_definitions(rule));
     columns.extend(rule.columns.iter().map(|c| format!("{} {}", quote::identifier(&c.name), c.stored_type)));
     columns.push("computed_at DateTime64(6, 'UTC')".to_string());
     columns.push("expires_at DateTime64(6, 'UTC')".to_string());
-    let order_by = format!("ORDER BY (team_id, job_id, {})", quote::identifier(&rule.target.entity));
+    let key = row_key(rule).join(", ");
+    let order_by = format!("ORDER BY (team_id, job_id, {key})");
     let ttl = "TTL toDateTime(expires_at)";
     let table = quote::qualified(&layout.database, &rule.target.table);
     match &layout.cluster {
@@ -67,13 +83,42 @@ pub fn table_ddl(rule: &Rule, layout: &Layout) -> Vec<String> {
                 ),
                 format!(
                     "CREATE TABLE IF NOT EXISTS {table} ON CLUSTER {} AS {local} ENGINE = Distributed({}, {}, {}, \
-                     cityHash64(job_id, {}))",
+                     cityHash64(job_id, {key}))",
                     quote::identifier(cluster),
                     quote::string(cluster),
                     quote::string(&layout.database),
                     quote::string(&local_name),
-                    quote::identifier(&rule.target.entity)
                 ),
+            ]
+        }
+    }
+}
+
+/// The DDL that gives a table created before identity columns existed (its columns are `present`)
+/// the rule's identity columns, appended to its sort key in the same statement as ClickHouse
+/// requires. Empty when nothing is missing.
+pub fn upgrade_ddl(rule: &Rule, layout: &Layout, present: &[String]) -> Vec<String> {
+    let missing: Vec<String> = rule
+        .source
+        .identity_columns
+        .iter()
+        .filter(|c| !present.contains(&c.name))
+        .map(|c| format!("ADD COLUMN IF NOT EXISTS {} {}", quote::identifier(&c.name), c.stored_type))
+        .collect();
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    let key = row_key(rule).join(", ");
+    let adds = missing.join(", ");
+    let table = quote::qualified(&layout.database, &rule.target.table);
+    match &layout.cluster {
+        None => vec![format!("ALTER TABLE {table} {adds}, MODIFY ORDER BY (team_id, job_id, {key})")],
+        Some(cluster) => {
+            let local = quote::qualified(&layout.database, &format!("{}_local", rule.target.table));
+            let on = quote::identifier(cluster);
+            vec![
+                format!("ALTER TABLE {local} ON CLUSTER {on} {adds}, MODIFY ORDER BY (team_id, job_id, {key})"),
+                format!("ALTER TABLE {table} ON CLUSTER {on} {adds}"),
             ]
         }
     }
@@ -169,9 +214,25 @@ impl ClickHouse {
         query.with_setting("max_execution_time", self.timeout.as_secs().max(1).to_string())
     }
 
-    /// Creates a rule's table(s) if missing.
+    /// Creates a rule's table(s) if missing, and gives a table of an earlier version the columns
+    /// it lacks.
     pub async fn ensure_table(&self, rule: &Rule) -> Result<(), ClickHouseError> {
         for ddl in table_ddl(rule, &self.layout) {
+            self.bounded(self.client.query_raw(&ddl).execute()).await?;
+        }
+        let local = match &self.layout.cluster {
+            Some(_) => format!("{}_local", rule.target.table),
+            None => rule.target.table.clone(),
+        };
+        let sql = format!(
+            "SELECT name FROM system.columns WHERE database = {} AND table = {}",
+            quote::string(&self.layout.database),
+            quote::string(&local)
+        );
+        let mut cursor = self.client.query_raw(&sql).fetch_bytes("TabSeparated")?;
+        let bytes = self.bounded(cursor.collect()).await?;
+        let present: Vec<String> = String::from_utf8_lossy(&bytes).lines().map(unescape_tsv).collect();
+        for ddl in upgrade_ddl(rule, &self.layout, &present) {
             self.bounded(self.client.query_raw(&ddl).execute()).await?;
         }
         Ok(())
@@ -291,6 +352,15 @@ mod tests {
         let layout = Layout { database: "analytics".into(), cluster: Some("posthog".into()) };
         insta::assert_snapshot!(table_ddl(&rule(), &layout).join(";\n"));
         assert_eq!(cluster_settings(&layout).len(), 2);
+    }
+
+    #[test]
+    fn a_table_without_identity_columns_is_upgraded_once() {
+        let layout = Layout { database: "default".into(), cluster: None };
+        let old: Vec<String> = ["team_id", "job_id", "entity_id", "variant"].map(String::from).into();
+        insta::assert_snapshot!(upgrade_ddl(&rule(), &layout, &old).join(";\n"));
+        let new: Vec<String> = old.iter().cloned().chain(["distinct_id".into(), "person_id".into()]).collect();
+        assert!(upgrade_ddl(&rule(), &layout, &new).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::Token;
 
-use super::matcher::Occurrence;
+use super::matcher::{Keying, Occurrence};
 use super::rule::Rule;
 use super::tokens::Tokens;
 
@@ -106,8 +106,8 @@ pub fn shape(text: &str, tokens: &Tokens, occurrence: &Occurrence) -> String {
     out.join(" ")
 }
 
-/// sha256 (hex) over the rule, the shape and the context.
-pub fn query_hash(rule: &Rule, shape: &str, context: &HashContext) -> String {
+/// sha256 (hex) over the rule, the shape, what a stored row stands for and the context.
+pub fn query_hash(rule: &Rule, shape: &str, keying: &Keying, context: &HashContext) -> String {
     let mut hasher = Sha256::new();
     let mut field = |name: &str, value: &str| {
         hasher.update(name.as_bytes());
@@ -128,5 +128,10 @@ pub fn query_hash(rule: &Rule, shape: &str, context: &HashContext) -> String {
         field(&format!("setting.{name}"), value);
     }
     field("shape", shape);
+    // Rows per identity and rows per entity are different jobs (hashed only for identity, so that
+    // other hashes stay as they were).
+    if let Keying::Identity(_) = keying {
+        field("keyed_by", "identity");
+    }
     hex::encode(hasher.finalize().as_slice())
 }

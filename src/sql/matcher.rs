@@ -154,18 +154,67 @@ pub struct Occurrence {
     pub columns: Vec<OutputColumn>,
     /// Stored columns computed only for merges.
     pub derived: Vec<DerivedColumn>,
+    /// What one stored row stands for.
+    pub keying: Keying,
+}
+
+/// What one stored row of an occurrence stands for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum Keying {
+    /// One entity, as the body computes it: a body that reads the source alone, or any body when
+    /// `exact_under_change` is off.
+    Entity,
+    /// One value of the rule's identity columns: the body's joins (the person overrides) run when
+    /// the rows are read, so that they see the joined tables as they are then.
+    Identity(IdentityJoin),
+}
+
+/// Where the parts of a body that read joined relations are, to run them at read time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct IdentityJoin {
+    /// The name the body reads the source under (its alias, else its table name); read time gives
+    /// the stored rows this name.
+    pub source_name: String,
+    /// Byte range of the joins, from the first join keyword to the end of the last join.
+    pub joins: Range<usize>,
+    /// The entity expression, as written.
+    pub entity_expr: String,
+    /// Byte range of the GROUP BY key.
+    pub group_key: Range<usize>,
+    /// Byte ranges of the WHERE conjuncts that read a joined relation or the entity: they filter
+    /// at read time.
+    pub joined_conjuncts: Vec<Range<usize>>,
+    /// The stored identity columns (the rule's), in rule order.
+    pub columns: Vec<String>,
 }
 
 impl Occurrence {
-    /// Stored columns in the order raw sub-ranges and builds produce them: the projection, then
-    /// the derived columns.
+    /// Stored columns in the order raw sub-ranges and builds produce them: the projection (with
+    /// the identity columns in the entity's place when keyed by identity), then the derived
+    /// columns.
     pub fn stored_columns(&self) -> Vec<&str> {
-        self.columns.iter().map(|c| c.name.as_str()).chain(self.derived.iter().map(|d| d.name.as_str())).collect()
+        let mut stored = Vec::new();
+        for column in &self.columns {
+            match &self.keying {
+                Keying::Identity(join) if column.entity => stored.extend(join.columns.iter().map(String::as_str)),
+                _ => stored.push(column.name.as_str()),
+            }
+        }
+        stored.extend(self.derived.iter().map(|d| d.name.as_str()));
+        stored
     }
 }
 
-/// Matches one candidate body against `rule`.
-pub fn match_candidate(text: &str, tokens: &Tokens, candidate: &Candidate, rule: &Rule) -> Result<Occurrence, Reason> {
+/// Matches one candidate body against `rule`. With `identity_at_read`, a body that joins other
+/// relations is keyed by identity ([`Keying::Identity`]), or refused when its joins cannot run
+/// at read time.
+pub fn match_candidate(
+    text: &str,
+    tokens: &Tokens,
+    candidate: &Candidate,
+    rule: &Rule,
+    identity_at_read: bool,
+) -> Result<Occurrence, Reason> {
     let range = candidate.body.clone();
     let body_bytes = tokens.byte_span(range.clone());
     if tokens.toks[range.clone()].iter().any(|t| t.token == Token::LBrace) {
@@ -304,6 +353,13 @@ pub fn match_candidate(text: &str, tokens: &Tokens, candidate: &Candidate, rule:
 
     let where_index =
         find_top_level(tokens, range.clone(), |t| is_keyword(t, Keyword::WHERE)).ok_or(Reason::Unlocatable)?;
+    let keying = match select.from.first() {
+        Some(from) if identity_at_read && !from.joins.is_empty() => {
+            let joined = JoinedBody { select, scope: &scope, source_name: &source_alias, rule, cut: &cut };
+            Keying::Identity(joined.identity_join(range.clone(), where_index, entity_expr, &conjuncts)?)
+        }
+        _ => Keying::Entity,
+    };
     let projection_end = items.last().map(|r| tokens.byte_span(r.clone()).end).ok_or(Reason::Unlocatable)?;
     let (team_id, team_tokens) = match team {
         Some((id, _)) => (id, team_literal_tokens(tokens, range.clone(), id)),
@@ -330,7 +386,174 @@ pub fn match_candidate(text: &str, tokens: &Tokens, candidate: &Candidate, rule:
         projection_end,
         columns,
         derived,
+        keying,
     })
+}
+
+/// A body that joins other relations, read for what must run at read time.
+struct JoinedBody<'a> {
+    select: &'a Select,
+    scope: &'a Scope,
+    source_name: &'a str,
+    rule: &'a Rule,
+    cut: &'a Cutter<'a>,
+}
+
+/// What a column reference of a body with joins reads.
+enum Reads {
+    /// A column of the source.
+    Source,
+    /// A name only read time has: a joined relation's column, or the entity alias.
+    AtReadTime,
+    /// Anything else.
+    Unknown,
+}
+
+impl JoinedBody<'_> {
+    fn identity_join(
+        &self,
+        body: Range<usize>,
+        where_index: usize,
+        entity_expr: &Expr,
+        conjuncts: &[&Expr],
+    ) -> Result<IdentityJoin, Reason> {
+        let tokens = self.cut.tokens;
+        if self.rule.source.identity_columns.is_empty() {
+            return Err(Reason::UnstoredIdentity);
+        }
+        // Aggregates run over the stored partials: they may read the source only.
+        for item in &self.select.projection {
+            if let SelectItem::ExprWithAlias { expr, alias } = item
+                && alias.value != self.rule.target.entity
+                && !self.reads_only(expr, |r| matches!(r, Reads::Source))
+            {
+                return Err(Reason::JoinedAggregate);
+            }
+        }
+        // The entity and the join conditions run at read time, over identity columns.
+        let at_read_time = |e: &Expr| self.reads_only(e, |r| matches!(r, Reads::AtReadTime | Reads::Source));
+        if !at_read_time(entity_expr) || !self.reads_identity_only(entity_expr) {
+            return Err(Reason::UnstoredIdentity);
+        }
+        for join in self.select.from.iter().flat_map(|f| &f.joins) {
+            let (JoinOperator::Left(JoinConstraint::On(on))
+            | JoinOperator::LeftOuter(JoinConstraint::On(on))
+            | JoinOperator::Inner(JoinConstraint::On(on))
+            | JoinOperator::Join(JoinConstraint::On(on))) = &join.join_operator
+            else {
+                return Err(Reason::UnsupportedClause);
+            };
+            if !at_read_time(on) || !self.reads_identity_only(on) {
+                return Err(Reason::UnstoredIdentity);
+            }
+        }
+        // Filters on the source stay in the build; filters on joined relations move to read time.
+        let mut joined_conjuncts = Vec::new();
+        for conjunct in conjuncts {
+            if has_subquery(conjunct) {
+                return Err(Reason::UnstoredIdentity);
+            }
+            if self.reads_only(conjunct, |r| matches!(r, Reads::Source)) {
+                continue;
+            }
+            if !at_read_time(conjunct) || !self.reads_identity_only(conjunct) {
+                return Err(Reason::UnstoredIdentity);
+            }
+            let cut = self.cut.verified(conjunct).ok_or(Reason::Unlocatable)?;
+            joined_conjuncts.push(tokens.byte_span(cut));
+        }
+        let GroupByExpr::Expressions(keys, _) = &self.select.group_by else { return Err(Reason::UnsupportedGroupBy) };
+        let group_key = keys.first().and_then(|k| self.cut.verified(k)).ok_or(Reason::Unlocatable)?;
+        let entity = self.cut.verified(entity_expr).ok_or(Reason::Unlocatable)?;
+        Ok(IdentityJoin {
+            source_name: self.source_name.to_string(),
+            joins: self.joins(body, where_index)?,
+            entity_expr: self.cut.text[tokens.byte_span(entity)].to_string(),
+            group_key: tokens.byte_span(group_key),
+            joined_conjuncts,
+            columns: self.rule.source.identity_columns.iter().map(|c| c.name.clone()).collect(),
+        })
+    }
+
+    /// Byte range of the joins: from the first top-level join keyword after FROM to the WHERE,
+    /// checked by parsing it again behind a stand-in table.
+    fn joins(&self, body: Range<usize>, where_index: usize) -> Result<Range<usize>, Reason> {
+        const JOIN_START: &[Keyword] = &[
+            Keyword::LEFT,
+            Keyword::RIGHT,
+            Keyword::INNER,
+            Keyword::FULL,
+            Keyword::CROSS,
+            Keyword::JOIN,
+            Keyword::GLOBAL,
+            Keyword::ANY,
+            Keyword::ALL,
+            Keyword::ASOF,
+            Keyword::SEMI,
+            Keyword::ANTI,
+            Keyword::ARRAY,
+        ];
+        let tokens = self.cut.tokens;
+        let from = find_top_level(tokens, body, |t| is_keyword(t, Keyword::FROM)).ok_or(Reason::Unlocatable)?;
+        let first = find_top_level(tokens, from + 1..where_index, |t| JOIN_START.iter().any(|k| is_keyword(t, *k)))
+            .ok_or(Reason::Unlocatable)?;
+        let bytes = tokens.byte_span(first..where_index);
+        let text = format!("SELECT 1 FROM stand_in {}", &self.cut.text[bytes.clone()]);
+        let reparsed = Parser::parse_sql(&ClickHouseDialect {}, &text).map_err(|_| Reason::Unlocatable)?;
+        let same = match reparsed.as_slice() {
+            [sqlparser::ast::Statement::Query(q)] => match (q.body.as_ref(), self.select.from.first()) {
+                (SetExpr::Select(s), Some(original)) => s.from.first().is_some_and(|f| f.joins == original.joins),
+                _ => false,
+            },
+            _ => false,
+        };
+        if same { Ok(bytes) } else { Err(Reason::Unlocatable) }
+    }
+
+    /// What a column reference reads.
+    fn reads(&self, e: &Expr) -> Reads {
+        match self.scope.resolve(e) {
+            Some(Column::Source(_)) => Reads::Source,
+            Some(Column::Other(name)) if name == self.rule.target.entity || name.contains('.') => Reads::AtReadTime,
+            _ => Reads::Unknown,
+        }
+    }
+
+    /// Whether every column reference in `e` reads what `allowed` accepts.
+    fn reads_only(&self, e: &Expr, allowed: impl Fn(Reads) -> bool) -> bool {
+        visit_column_refs(e, |r| allowed(self.reads(r))).is_continue()
+    }
+
+    /// Whether every source column `e` reads is an identity column, named as the read-time rows
+    /// are (unqualified, or qualified by the source's name).
+    fn reads_identity_only(&self, e: &Expr) -> bool {
+        let identity = |name: &str| self.rule.source.identity_columns.iter().any(|c| c.name == name);
+        visit_column_refs(e, |r| match (r, self.reads(r)) {
+            (Expr::Identifier(i), Reads::Source) => identity(&i.value),
+            (Expr::CompoundIdentifier(parts), Reads::Source) => {
+                parts[0].value == self.source_name && identity(&parts[1].value)
+            }
+            _ => true,
+        })
+        .is_continue()
+    }
+}
+
+/// Calls `keep` on every column reference of `e` until it returns false.
+fn visit_column_refs(e: &Expr, keep: impl Fn(&Expr) -> bool) -> std::ops::ControlFlow<()> {
+    sqlparser::ast::visit_expressions(e, |e| match e {
+        Expr::Identifier(_) | Expr::CompoundIdentifier(_) if !keep(e) => std::ops::ControlFlow::Break(()),
+        _ => std::ops::ControlFlow::Continue(()),
+    })
+}
+
+/// Whether `e` holds a subquery (whose names the body's scope does not resolve).
+fn has_subquery(e: &Expr) -> bool {
+    sqlparser::ast::visit_expressions(e, |e| match e {
+        Expr::Subquery(_) | Expr::InSubquery { .. } | Expr::Exists { .. } => std::ops::ControlFlow::Break(()),
+        _ => std::ops::ControlFlow::Continue(()),
+    })
+    .is_break()
 }
 
 /// What a cheap look at a candidate's tokens says, before any parsing.
@@ -652,12 +875,60 @@ mod tests {
     }
 
     fn first(sql: &str) -> Result<Occurrence, Reason> {
+        first_keyed(sql, true)
+    }
+
+    fn first_keyed(sql: &str, identity_at_read: bool) -> Result<Occurrence, Reason> {
         let t = Tokens::new(sql).unwrap();
         let c = candidates(&t)
             .into_iter()
             .find(|c| candidacy(&t, c, "events") == Candidacy::Promising)
             .ok_or(Reason::NoCandidate)?;
-        match_candidate(sql, &t, &c, &rule())
+        match_candidate(sql, &t, &c, &rule(), identity_at_read)
+    }
+
+    const JOINED: &str = "SELECT if(not(empty(o.distinct_id)), o.person_id, events.person_id) AS entity_id, \
+        min(timestamp) AS first_exposure_time FROM events \
+        LEFT JOIN (SELECT argMax(person_id, version) AS person_id, distinct_id FROM person_distinct_id_overrides \
+        GROUP BY distinct_id) AS o ON equals(events.distinct_id, o.distinct_id) \
+        WHERE event = '$feature_flag_called' AND timestamp >= '2026-01-01' AND timestamp < '2026-01-15' \
+        GROUP BY entity_id";
+
+    #[test]
+    fn a_body_with_joins_is_keyed_by_identity() {
+        let o = first(JOINED).unwrap();
+        let Keying::Identity(join) = &o.keying else { panic!("{:?}", o.keying) };
+        assert_eq!(join.columns, ["distinct_id", "person_id"]);
+        assert_eq!(join.entity_expr, "if(not(empty(o.distinct_id)), o.person_id, events.person_id)");
+        assert!(JOINED[join.joins.clone()].starts_with("LEFT JOIN (SELECT"));
+        assert!(JOINED[join.joins.clone()].ends_with("o.distinct_id)"));
+        assert_eq!(&JOINED[join.group_key.clone()], "entity_id");
+        assert_eq!(o.stored_columns(), ["distinct_id", "person_id", "first_exposure_time"]);
+        // A filter on the joined relation runs at read time.
+        let filtered = JOINED.replace("WHERE event", "WHERE notEmpty(o.distinct_id) AND event");
+        let Keying::Identity(join) = first(&filtered).unwrap().keying else { panic!() };
+        let moved: Vec<&str> = join.joined_conjuncts.iter().map(|r| &filtered[r.clone()]).collect();
+        assert_eq!(moved, ["notEmpty(o.distinct_id)"]);
+        // Without exactness, and without joins, rows are per entity.
+        assert_eq!(first_keyed(JOINED, false).unwrap().keying, Keying::Entity);
+        assert_eq!(first(SEED).unwrap().keying, Keying::Entity);
+    }
+
+    #[test]
+    fn joins_that_cannot_run_at_read_time_are_refused() {
+        let cases = [
+            (JOINED.replace("min(timestamp)", "min(o.version)"), Reason::JoinedAggregate),
+            (
+                JOINED.replace("min(timestamp) AS first_exposure_time", "argMin(o.person_id, timestamp) AS variant"),
+                Reason::JoinedAggregate,
+            ),
+            (JOINED.replace(", events.person_id) AS", ", events.uuid) AS"), Reason::UnstoredIdentity),
+            (JOINED.replace("WHERE event", "WHERE o.person_id != events.uuid AND event"), Reason::UnstoredIdentity),
+            (JOINED.replace("WHERE event", "WHERE o.person_id IN (SELECT 1) AND event"), Reason::UnstoredIdentity),
+        ];
+        for (sql, reason) in cases {
+            assert_eq!(first(&sql).map(|_| ()), Err(reason), "{sql}");
+        }
     }
 
     const SEED: &str = "SELECT person_id AS entity_id, argMin(properties.$feature_flag_response, timestamp) AS variant, \

@@ -44,6 +44,9 @@ pub struct Context {
     pub roles: Vec<String>,
     /// The database holding the preaggregate tables (jobs are only shared within one).
     pub preagg_database: String,
+    /// Key the stored rows of bodies with joins by identity, running the joins at read time
+    /// (`exact_under_change`): see [`matcher::Keying`].
+    pub identity_at_read: bool,
 }
 
 /// One occurrence with its rule, shape and hash.
@@ -150,10 +153,10 @@ pub fn analyze_applicable(
                 }
                 matcher::Candidacy::Unrelated => continue,
             }
-            match matcher::match_candidate(text, &tokens, &candidate, rule) {
+            match matcher::match_candidate(text, &tokens, &candidate, rule, context.identity_at_read) {
                 Ok(occurrence) => {
                     let shape = hash::shape(text, &tokens, &occurrence);
-                    let query_hash = hash::query_hash(rule, &shape, &hash_context);
+                    let query_hash = hash::query_hash(rule, &shape, &occurrence.keying, &hash_context);
                     found.push(Found { rule: Arc::clone(rule), occurrence, shape, query_hash });
                     break;
                 }

@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use super::matcher::{INNER_PREFIX, Occurrence};
+use super::matcher::{INNER_PREFIX, IdentityJoin, Keying, Occurrence};
 use super::quote;
 use super::splice::{self, Edit, SpliceError};
 use super::window::{Edge, RawRange, ReadyJob, Window};
@@ -39,11 +39,23 @@ struct BodyEdit<'a> {
 }
 
 /// The body text with its bounds moved, a PREWHERE on the raw time column (where ClickHouse can
-/// prune even though the join blocks pushdown), derived columns and extras appended.
+/// prune even though the join blocks pushdown), derived columns and extras appended. Keyed by
+/// identity, the body reads the source alone and groups by the identity columns: its joins, its
+/// entity and its filters on joined relations are left to read time.
 fn edited_body(text: &str, occ: &Occurrence, edit: &BodyEdit) -> Result<String, SpliceError> {
     let body = occ.body.clone();
     let local = |r: &Range<usize>| r.start - body.start..r.end - body.start;
     let mut edits = Vec::new();
+    if let Keying::Identity(join) = &occ.keying {
+        let entity = occ.columns.iter().find(|c| c.entity).ok_or(SpliceError::OutOfBounds(0..0))?;
+        let keys = identity_keys(join);
+        let items: Vec<String> =
+            keys.iter().zip(&join.columns).map(|(key, name)| format!("{key} AS {}", quote::identifier(name))).collect();
+        edits.push(Edit::new(local(&entity.item), items.join(", ")));
+        edits.push(Edit::new(local(&join.joins), ""));
+        edits.extend(join.joined_conjuncts.iter().map(|c| Edit::new(local(c), "1")));
+        edits.push(Edit::new(local(&join.group_key), keys.join(", ")));
+    }
     if let Edge::At(at) = edit.start {
         let conjunct = format!("greaterOrEquals({}, {})", occ.lower.time_expr, quote::datetime64(at));
         edits.push(Edit::new(local(&occ.lower.conjunct), conjunct));
@@ -63,6 +75,12 @@ fn edited_body(text: &str, occ: &Occurrence, edit: &BodyEdit) -> Result<String, 
         edits.push(Edit::insert(body.end - body.start, format!(", {}", edit.extra_group_by.join(", "))));
     }
     splice::apply(&text[body], &edits)
+}
+
+/// The identity columns as the source's columns (`` `events`.`distinct_id` ``).
+fn identity_keys(join: &IdentityJoin) -> Vec<String> {
+    let source = quote::identifier(&join.source_name);
+    join.columns.iter().map(|c| format!("{source}.{}", quote::identifier(c))).collect()
 }
 
 /// `column >= start AND column < end` on the raw time column, for one raw sub-range.
@@ -185,6 +203,10 @@ fn ingested_since_body(
 /// With `freshness`, changes to the source since the builds are accounted for: a second guard
 /// throws if the source table was mutated since (deletions), and a branch reads again the rows
 /// ingested since (late events).
+///
+/// Keyed by identity ([`Keying::Identity`]), every branch holds rows per identity, and the body's
+/// joins, entity and filters on joined relations run over their union as written, so that the
+/// joined tables (the person overrides) are read as they are now.
 pub fn replacement(
     text: &str,
     occ: &Occurrence,
@@ -195,16 +217,14 @@ pub fn replacement(
     freshness: Option<Freshness>,
 ) -> Result<String, SpliceError> {
     let stored = occ.stored_columns();
+    // Identity columns keep their source names: read time refers to them as the source's columns.
+    let identity = |name: &str| matches!(&occ.keying, Keying::Identity(join) if join.columns.iter().any(|c| c == name));
     let casts: Vec<String> = stored
         .iter()
         .zip(types)
         .map(|(name, ty)| {
-            format!(
-                "CAST({}, {}) AS {}",
-                quote::identifier(name),
-                quote::string(ty),
-                quote::identifier(&format!("{INNER_PREFIX}{name}"))
-            )
+            let inner = if identity(name) { name.to_string() } else { format!("{INNER_PREFIX}{name}") };
+            format!("CAST({}, {}) AS {}", quote::identifier(name), quote::string(ty), quote::identifier(&inner))
         })
         .collect();
     let job_list = jobs.iter().map(|j| quote::string(&j.id)).collect::<Vec<_>>().join(", ");
@@ -232,23 +252,43 @@ pub fn replacement(
     {
         branches.push(body);
     }
-    let entity = occ.columns.iter().find(|c| c.entity).map(|c| c.name.as_str()).unwrap_or_default();
     let outputs: Vec<String> = occ
         .columns
         .iter()
-        .map(|c| match &c.merge {
-            None => {
-                format!("{} AS {}", quote::identifier(&format!("{INNER_PREFIX}{}", c.name)), quote::identifier(&c.name))
-            }
-            Some(merge) => format!("{merge} AS {}", quote::identifier(&c.name)),
+        .map(|c| {
+            let value = match (&c.merge, &occ.keying) {
+                (Some(merge), _) => merge.clone(),
+                (None, Keying::Entity) => quote::identifier(&format!("{INNER_PREFIX}{}", c.name)),
+                (None, Keying::Identity(join)) => join.entity_expr.clone(),
+            };
+            format!("{value} AS {}", quote::identifier(&c.name))
         })
         .collect();
-    Ok(format!(
-        "SELECT {} FROM ({}) GROUP BY {}",
-        outputs.join(", "),
-        branches.join(" UNION ALL "),
-        quote::identifier(&format!("{INNER_PREFIX}{entity}"))
-    ))
+    let branches = branches.join(" UNION ALL ");
+    Ok(match &occ.keying {
+        Keying::Entity => {
+            let entity = occ.columns.iter().find(|c| c.entity).map(|c| c.name.as_str()).unwrap_or_default();
+            format!(
+                "SELECT {} FROM ({branches}) GROUP BY {}",
+                outputs.join(", "),
+                quote::identifier(&format!("{INNER_PREFIX}{entity}"))
+            )
+        }
+        // The stored rows (and raw ones, keyed alike) take the source's place under its name; the
+        // body's joins, filters on joined relations and grouping follow as written.
+        Keying::Identity(join) => {
+            let filters: Vec<String> =
+                join.joined_conjuncts.iter().map(|c| format!("({})", &text[c.clone()])).collect();
+            let filter = if filters.is_empty() { String::new() } else { format!(" WHERE {}", filters.join(" AND ")) };
+            format!(
+                "SELECT {} FROM ({branches}) AS {} {}{filter} GROUP BY {}",
+                outputs.join(", "),
+                quote::identifier(&join.source_name),
+                &text[join.joins.clone()],
+                &text[join.group_key.clone()]
+            )
+        }
+    })
 }
 
 /// One window to build, with its job id and expiry.

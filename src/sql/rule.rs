@@ -107,6 +107,21 @@ pub struct SourceTable {
     /// itself, and where it is a `Distributed` table the local tables under it (PostHog's
     /// `sharded_events`). A mutation of one since a build makes the build stale.
     pub mutation_tables: Vec<String>,
+    /// The source columns an entity is resolved from (PostHog's `distinct_id` and `person_id`).
+    /// When a body joins other relations to find its entity (the person overrides), windows store
+    /// rows per value of these columns instead of per entity, and the joins run when the windows
+    /// are read: a merge of persons after a build is in the next answer. Empty: bodies with joins
+    /// are served only with `exact_under_change = false`.
+    pub identity_columns: Vec<IdentityColumn>,
+}
+
+/// A source column stored per window so that an entity can be resolved at read time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityColumn {
+    /// Column name, in the source and in the preaggregate table.
+    pub name: String,
+    /// ClickHouse type of the stored column: the source column's type.
+    pub stored_type: String,
 }
 
 /// The preaggregate table of a rule.
@@ -251,6 +266,16 @@ struct SourceFile {
     ingestion_column: Option<String>,
     #[serde(default)]
     mutation_tables: Vec<String>,
+    #[serde(default)]
+    identity_columns: Vec<IdentityColumnFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityColumnFile {
+    name: String,
+    #[serde(rename = "type")]
+    stored_type: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -310,6 +335,22 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
     }
     for (i, table) in s.mutation_tables.iter().enumerate() {
         identifier(table).map_err(|m| err(&format!("source.mutation_tables[{i}]"), m))?;
+    }
+    let mut identity_columns: Vec<IdentityColumn> = Vec::new();
+    for (i, c) in s.identity_columns.iter().enumerate() {
+        let field = format!("source.identity_columns[{i}]");
+        identifier(&c.name).map_err(|m| err(&format!("{field}.name"), m))?;
+        let reserved = ["team_id", "job_id", "computed_at", "expires_at", raw.target.entity.as_str()];
+        let taken = reserved.contains(&c.name.as_str())
+            || raw.column.iter().any(|column| column.name == c.name)
+            || identity_columns.iter().any(|seen| seen.name == c.name);
+        if taken {
+            return Err(err(&format!("{field}.name"), format!("`{}` names another stored column", c.name)));
+        }
+        if c.stored_type.trim().is_empty() {
+            return Err(err(&format!("{field}.type"), "is empty".into()));
+        }
+        identity_columns.push(IdentityColumn { name: c.name.clone(), stored_type: c.stored_type.clone() });
     }
     let mutation_tables = if s.mutation_tables.is_empty() { vec![s.table.clone()] } else { s.mutation_tables.clone() };
     let time_column_timezone: chrono_tz::Tz = s
@@ -405,6 +446,7 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
             team_column: s.team_column.clone(),
             ingestion_column: s.ingestion_column.clone(),
             mutation_tables,
+            identity_columns,
         },
         target: TargetTable { table: raw.target.table, entity: raw.target.entity },
         predicates,
@@ -515,6 +557,9 @@ mod tests {
         assert!(e.contains("source.time_column_timezone"), "{e}");
         let e = error_of(&MINIMAL.replace("derive = \"min($t)\"\n", ""));
         assert!(e.contains("column[1].forms") && e.contains("derive"), "{e}");
+        let identity = "team_column = \"team_id\"\n identity_columns = [{ name = \"uuid\", type = \"UUID\" }]";
+        let e = error_of(&MINIMAL.replace("team_column = \"team_id\"", identity));
+        assert!(e.contains("source.identity_columns[0].name") && e.contains("another stored column"), "{e}");
         let e = error_of(&MINIMAL.replace("prefilter", "prefiltre"));
         assert!(e.contains("bad.toml") && e.contains("prefiltre"), "{e}");
     }
