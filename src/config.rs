@@ -120,8 +120,8 @@ keys! {
     preagg_database: String = Some("default"), required(parse_identifier);
     /// ClickHouse cluster name: ON CLUSTER DDL and a Distributed table over local ones
     cluster: Option<String> = None, optional(parse_identifier);
-    /// A window is built only once its end is this much older than now
-    seal_after: Duration = Some("2h"), required(parse_duration);
+    /// A window is built only once its end is this much older than now; with `exact_under_change`, rows that land in it later are read again anyway, so this only bounds how often recent windows are rebuilt
+    seal_after: Duration = Some("5m"), required(parse_duration);
     /// Jobs expiring within this buffer are not served (rows must outlive the queries reading them); shorter than the shortest lifetime of `expiry_bands`
     expiry_buffer: Duration = Some("10m"), required(parse_duration);
     /// Job lifetime by how soon after its window's end it was built
@@ -723,7 +723,7 @@ mod tests {
         let c = Config::load(&SettingsArgs::default(), None).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8124");
         assert_eq!(c.mode, Mode::Rewrite);
-        assert_eq!(c.seal_after, Duration::from_secs(7200));
+        assert_eq!(c.seal_after, Duration::from_secs(300));
         assert_eq!(c.clickhouse_endpoint(), &c.upstream);
     }
 
