@@ -124,7 +124,7 @@ keys! {
     seal_after: Duration = Some("5m"), required(parse_duration);
     /// Jobs expiring within this buffer are not served (rows must outlive the queries reading them); shorter than the shortest lifetime of `expiry_bands`
     expiry_buffer: Duration = Some("10m"), required(parse_duration);
-    /// Job lifetime by how soon after its window's end it was built
+    /// Job lifetime by how soon after its window's end it was built; with `exact_under_change` a storage and cost setting (answers are exact at any age; a rebuilt window leaves fewer late rows to read again)
     expiry_bands: ExpiryBands = Some("1d=1h,4d=18h,*=7d"), required(parse_expiry_bands);
     /// background (first query answered by the original) or wait (first query waits for the build)
     build: BuildPolicy = Some("background"), required(parse_enum);
@@ -144,7 +144,7 @@ keys! {
     job_cache_capacity: u64 = Some("10000"), required(parse_positive);
     /// How long a cached job lookup is trusted before it is read again
     job_cache_ttl: Duration = Some("30s"), required(parse_duration);
-    /// Keep answers exact when the source changes after a build: rows ingested since are read again, a mutation since fails over to the original (false: windows are served as built until they expire)
+    /// Keep answers exact when the source changes after a build: rows ingested since are read again, joins run at read time, a mutation since fails over to the original (false: every body is stored per entity and windows are served as built until they expire)
     exact_under_change: bool = Some("true"), required(parse_bool);
     /// How long before a build started reading a row still counts as possibly unseen by it: longer than any insert takes to become visible (inserts in flight, replication lag, a Distributed table's send queue)
     ingestion_margin: Duration = Some("5m"), required(parse_duration);
