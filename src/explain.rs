@@ -132,7 +132,7 @@ pub fn explain(request: &Request) -> Explanation {
     // The same context the live proxy hashes with, so the hashes shown are the jobs' hashes.
     let context = sql::Context {
         preagg_database: request.preagg_database.clone(),
-        identity_at_read: request.exact_under_change,
+        exact_under_change: request.exact_under_change,
         ..request.context.clone()
     };
     let analysis = match sql::analyze(request.rules, request.text, &context, request.budget) {

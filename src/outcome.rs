@@ -106,6 +106,9 @@ pub enum Reason {
     /// relation reads a source column the rule does not store per identity (its
     /// `identity_columns`), or names the source in a way the read-time join cannot.
     UnstoredIdentity,
+    /// `exact_under_change` is on and a WHERE conjunct reads other tables through a subquery (a
+    /// cohort): what it reads could change after a build without the proxy knowing.
+    SubqueryFilter,
     /// Shadow mode: the client gets the original; the rewrite is compared in the background.
     Shadow,
 }
@@ -180,6 +183,7 @@ reason_codes! {
     QueryCache => "query_cache",
     JoinedAggregate => "joined_aggregate",
     UnstoredIdentity => "unstored_identity",
+    SubqueryFilter => "subquery_filter",
     Shadow => "shadow",
 }
 

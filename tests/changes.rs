@@ -293,10 +293,13 @@ async fn shadow_mode_during_changes_counts_no_mismatch() {
     one_more_comparison(&server, &proxy, &sql, 0.0, "before any change").await;
     let (distinct_id, person_id, variant) = first_exposed(&server).await;
     let other = if variant == "control" { "test" } else { "control" };
+    let (merged_distinct_id, _) = nth_exposed(&server, 5).await;
     let changes = [
         exposure("2026-10-04 10:00:00.000001", 9003, "late-9003", "test"),
         exposure("2026-10-02 06:00:00.000000", 0, &distinct_id, other)
             .replace("toUUID('00000000-0000-4000-8000-000000000000')", &format!("toUUID('{person_id}')")),
+        override_row(&merged_distinct_id, &person_id, false, 1000),
+        override_row(&merged_distinct_id, &person_id, true, 1001),
         format!("ALTER TABLE events DELETE WHERE person_id = toUUID('{person_id}') SETTINGS mutations_sync = 2"),
     ];
     for (i, change) in changes.iter().enumerate() {
@@ -305,7 +308,7 @@ async fn shadow_mode_during_changes_counts_no_mismatch() {
         one_more_comparison(&server, &proxy, &sql, before, &format!("change {i}")).await;
     }
     assert_eq!(shadowed(&proxy, "mismatch").await, 0.0, "no comparison during the changes found a difference");
-    assert!(shadowed(&proxy, "match").await >= 3.0, "the late events were compared and matched");
+    assert!(shadowed(&proxy, "match").await >= 5.0, "the late events and the merges were compared and matched");
 }
 
 /// Runs `sql` in `database` (the `X-ClickHouse-Database` header).

@@ -221,7 +221,7 @@ impl Engine {
             user: per_user.map(|c| c.user.clone()),
             roles: per_user.map(|c| c.roles.clone()).unwrap_or_default(),
             preagg_database: self.clickhouse.layout().database.clone(),
-            identity_at_read: self.settings().exact_under_change,
+            exact_under_change: self.settings().exact_under_change,
         }
     }
 

@@ -205,15 +205,16 @@ impl Occurrence {
     }
 }
 
-/// Matches one candidate body against `rule`. With `identity_at_read`, a body that joins other
+/// Matches one candidate body against `rule`. With `exact_under_change`, a body that joins other
 /// relations is keyed by identity ([`Keying::Identity`]), or refused when its joins cannot run
-/// at read time.
+/// at read time, and a filter that reads other tables through a subquery is refused: what it
+/// reads could change after a build.
 pub fn match_candidate(
     text: &str,
     tokens: &Tokens,
     candidate: &Candidate,
     rule: &Rule,
-    identity_at_read: bool,
+    exact_under_change: bool,
 ) -> Result<Occurrence, Reason> {
     let range = candidate.body.clone();
     let body_bytes = tokens.byte_span(range.clone());
@@ -300,6 +301,9 @@ pub fn match_candidate(
         }
     }
     let (lower, upper) = (lower.ok_or(Reason::MissingBound)?, upper.ok_or(Reason::MissingBound)?);
+    if exact_under_change && conjuncts.iter().any(|c| has_subquery(c)) {
+        return Err(Reason::SubqueryFilter);
+    }
     for predicate in &rule.predicates {
         let present = conjuncts
             .iter()
@@ -354,7 +358,7 @@ pub fn match_candidate(
     let where_index =
         find_top_level(tokens, range.clone(), |t| is_keyword(t, Keyword::WHERE)).ok_or(Reason::Unlocatable)?;
     let keying = match select.from.first() {
-        Some(from) if identity_at_read && !from.joins.is_empty() => {
+        Some(from) if exact_under_change && !from.joins.is_empty() => {
             let joined = JoinedBody { select, scope: &scope, source_name: &source_alias, rule, cut: &cut };
             Keying::Identity(joined.identity_join(range.clone(), where_index, entity_expr, &conjuncts)?)
         }
@@ -450,9 +454,6 @@ impl JoinedBody<'_> {
         // Filters on the source stay in the build; filters on joined relations move to read time.
         let mut joined_conjuncts = Vec::new();
         for conjunct in conjuncts {
-            if has_subquery(conjunct) {
-                return Err(Reason::UnstoredIdentity);
-            }
             if self.reads_only(conjunct, |r| matches!(r, Reads::Source)) {
                 continue;
             }
@@ -878,13 +879,13 @@ mod tests {
         first_keyed(sql, true)
     }
 
-    fn first_keyed(sql: &str, identity_at_read: bool) -> Result<Occurrence, Reason> {
+    fn first_keyed(sql: &str, exact_under_change: bool) -> Result<Occurrence, Reason> {
         let t = Tokens::new(sql).unwrap();
         let c = candidates(&t)
             .into_iter()
             .find(|c| candidacy(&t, c, "events") == Candidacy::Promising)
             .ok_or(Reason::NoCandidate)?;
-        match_candidate(sql, &t, &c, &rule(), identity_at_read)
+        match_candidate(sql, &t, &c, &rule(), exact_under_change)
     }
 
     const JOINED: &str = "SELECT if(not(empty(o.distinct_id)), o.person_id, events.person_id) AS entity_id, \
@@ -912,6 +913,11 @@ mod tests {
         // Without exactness, and without joins, rows are per entity.
         assert_eq!(first_keyed(JOINED, false).unwrap().keying, Keying::Entity);
         assert_eq!(first(SEED).unwrap().keying, Keying::Entity);
+        // A filter through a subquery (a cohort) is stored as answered at build time: only
+        // without exactness.
+        let cohort = SEED.replace("WHERE event", "WHERE person_id IN (SELECT person_id FROM cohortpeople) AND event");
+        assert_eq!(first(&cohort).map(|_| ()), Err(Reason::SubqueryFilter));
+        assert!(first_keyed(&cohort, false).is_ok());
     }
 
     #[test]
@@ -924,7 +930,7 @@ mod tests {
             ),
             (JOINED.replace(", events.person_id) AS", ", events.uuid) AS"), Reason::UnstoredIdentity),
             (JOINED.replace("WHERE event", "WHERE o.person_id != events.uuid AND event"), Reason::UnstoredIdentity),
-            (JOINED.replace("WHERE event", "WHERE o.person_id IN (SELECT 1) AND event"), Reason::UnstoredIdentity),
+            (JOINED.replace("WHERE event", "WHERE o.person_id IN (SELECT 1) AND event"), Reason::SubqueryFilter),
         ];
         for (sql, reason) in cases {
             assert_eq!(first(&sql).map(|_| ()), Err(reason), "{sql}");

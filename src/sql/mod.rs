@@ -44,9 +44,9 @@ pub struct Context {
     pub roles: Vec<String>,
     /// The database holding the preaggregate tables (jobs are only shared within one).
     pub preagg_database: String,
-    /// Key the stored rows of bodies with joins by identity, running the joins at read time
-    /// (`exact_under_change`): see [`matcher::Keying`].
-    pub identity_at_read: bool,
+    /// `exact_under_change`: key the stored rows of bodies with joins by identity, running the
+    /// joins at read time (see [`matcher::Keying`]), and refuse filters through subqueries.
+    pub exact_under_change: bool,
 }
 
 /// One occurrence with its rule, shape and hash.
@@ -153,7 +153,7 @@ pub fn analyze_applicable(
                 }
                 matcher::Candidacy::Unrelated => continue,
             }
-            match matcher::match_candidate(text, &tokens, &candidate, rule, context.identity_at_read) {
+            match matcher::match_candidate(text, &tokens, &candidate, rule, context.exact_under_change) {
                 Ok(occurrence) => {
                     let shape = hash::shape(text, &tokens, &occurrence);
                     let query_hash = hash::query_hash(rule, &shape, &occurrence.keying, &hash_context);
