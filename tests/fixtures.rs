@@ -106,6 +106,7 @@ fn shapes() {
         ("ratio_metric_exposures_inlined_twice", Rewritten(2)),
         ("funnel_metric_exposures_and_exposure_data", Rewritten(2)),
         ("retention_metric_with_cte", Rewritten(1)),
+        ("exposures_timeseries_first_exposure_day", Rewritten(1)),
         ("other_sessions_overview", Passthrough(Reason::NotExperimentQuery)),
         ("other_trends_daily_breakdown", Passthrough(Reason::NotExperimentQuery)),
         ("other_actors_with_tag_comment", Passthrough(Reason::NotExperimentQuery)),
@@ -113,8 +114,9 @@ fn shapes() {
     golden("shapes", &corpus::shapes(), &expected, str::to_string, "2026-11-01T00:00:00Z");
 }
 
-/// PostHog's real corpus, read in place (skipped without it, except under CI). 05-09 are shapes
-/// the proxy refuses today, each for the reason named: a change in any outcome fails here.
+/// PostHog's real corpus, read in place (skipped without it, except under CI). 05, 06, 08 and 09
+/// are shapes the proxy refuses today, each for the reason named: a change in any outcome fails
+/// here.
 #[test]
 fn corpus() {
     let Some(files) = corpus::posthog() else { return };
@@ -127,8 +129,8 @@ fn corpus() {
         ("05_funnel_metric_breakdown_with_cte", Passthrough(Reason::UnknownAggregate)),
         // The exposures read `events_json`, not the rule's `events`.
         ("06_mean_metric_new_events_schema_json_with_cte", Passthrough(Reason::OtherSourceTable)),
-        // The exposures runner's derived column `toDateOrNull(toString(min(t))) AS day`.
-        ("07_exposures_timeseries_runner_first_exposure_day", Passthrough(Reason::UnknownAggregate)),
+        // The exposures runner's `toDateOrNull(toString(min(t))) AS day`, computed after the merge.
+        ("07_exposures_timeseries_runner_first_exposure_day", Rewritten(1)),
         // A custom exposure criterion: `$pageview` events, no `$feature_flag_called` to prefilter on.
         ("08_exposures_timeseries_custom_exposure_pageview", Passthrough(Reason::NotExperimentQuery)),
         // The exposures also project (and group by) an `exposure_identifier`.
@@ -138,7 +140,7 @@ fn corpus() {
         ("other_03_legacy_actors_query_with_tag_comment", Passthrough(Reason::NotExperimentQuery)),
     ];
     let unredacted = |text: &str| corpus::unredacted(text, corpus::START, corpus::END);
-    golden("corpus", &files, &expected, unredacted, "2020-02-01T00:00:00Z");
+    golden("corpus", &files, &expected, unredacted, "2024-02-01T00:00:00Z");
 }
 
 /// A corpus query the proxy rewrites once its redactions are replaced is refused while they are

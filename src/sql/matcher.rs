@@ -22,7 +22,7 @@ use super::bounds::{self, Bound, Side, TimeTest};
 use super::locate::{Candidate, find_top_level};
 use super::pattern::{Bindings, Column, Matcher, Scope};
 use super::quote;
-use super::rule::{Rule, parse_pattern};
+use super::rule::{Form, Rule, parse_pattern};
 use super::tokens::{Tokens, is_keyword};
 use crate::outcome::Reason;
 
@@ -103,6 +103,9 @@ pub struct OutputColumn {
     pub item: Range<usize>,
     /// Re-aggregation over inner stored columns (`None` for the entity key).
     pub merge: Option<String>,
+    /// Whether the column is stored under its name; an output computed after the merge from
+    /// other stored columns (`min(t) AS day`) is not, and builds leave it out.
+    pub stored: bool,
 }
 
 /// A stored column a merge needs that the query does not project.
@@ -194,7 +197,7 @@ impl Occurrence {
     /// columns.
     pub fn stored_columns(&self) -> Vec<&str> {
         let mut stored = Vec::new();
-        for column in &self.columns {
+        for column in self.columns.iter().filter(|c| c.stored) {
             match &self.keying {
                 Keying::Identity(join) if column.entity => stored.extend(join.columns.iter().map(String::as_str)),
                 _ => stored.push(column.name.as_str()),
@@ -250,20 +253,21 @@ pub fn match_candidate(
             matched.push((alias.value.clone(), item_bytes, None));
             continue;
         }
-        let column = rule.column(&alias.value).ok_or(Reason::UnknownAggregate)?;
-        let form = column
-            .forms
-            .iter()
-            .find(|form| {
-                let mut trial = bindings.clone();
-                let ok = matcher.matches(&form.query.expr, expr, &mut trial);
-                if ok {
-                    bindings = trial;
-                }
-                ok
-            })
-            .ok_or(Reason::UnknownAggregate)?;
-        matched.push((alias.value.clone(), item_bytes, Some(form)));
+        // A rule column under its own name is stored; any other item is an output over stored
+        // columns: one of a column's outputs, or a column's form under another alias.
+        let own_column = rule.column(&alias.value);
+        let stored = own_column.and_then(|column| first_match(&column.forms, &matcher, expr, &mut bindings));
+        let form = match stored {
+            Some(form) => Some((form, true)),
+            None => first_match(rule.columns.iter().flat_map(|c| &c.outputs), &matcher, expr, &mut bindings)
+                .or_else(|| {
+                    let forms = rule.columns.iter().flat_map(|c| &c.forms);
+                    own_column.is_none().then(|| first_match(forms, &matcher, expr, &mut bindings)).flatten()
+                })
+                .map(|form| (form, false)),
+        };
+        let (form, stored) = form.ok_or(Reason::UnknownAggregate)?;
+        matched.push((alias.value.clone(), item_bytes, Some((form, stored))));
     }
     let entity_expr = entity_expr.ok_or(Reason::UnsupportedGroupBy)?;
     check_group_by(select, entity_expr, &rule.target.entity, &matcher)?;
@@ -318,7 +322,11 @@ pub fn match_candidate(
     }
 
     // Merges and the stored columns they need.
-    let projected: HashSet<String> = matched.iter().map(|(name, _, _)| name.clone()).collect();
+    let projected: HashSet<String> = matched
+        .iter()
+        .filter(|(_, _, form)| form.is_none_or(|(_, stored)| stored))
+        .map(|(name, _, _)| name.clone())
+        .collect();
     let rule_columns: HashSet<&str> = rule.columns.iter().map(|c| c.name.as_str()).collect();
     let bound_text = |name: &str| -> Option<String> {
         let expr = bindings.get(name)?;
@@ -328,9 +336,10 @@ pub fn match_candidate(
     let mut columns = Vec::new();
     let mut needed = Vec::new();
     for (name, item, form) in matched {
+        let stored = form.is_none_or(|(_, stored)| stored);
         let merge = match form {
             None => None,
-            Some(form) => {
+            Some((form, _)) => {
                 let merge = form.merge.render(bound_text, inner).ok_or(Reason::Unlocatable)?;
                 form.merge.render(
                     |_| Some(String::new()),
@@ -345,7 +354,7 @@ pub fn match_candidate(
                 Some(merge)
             }
         };
-        columns.push(OutputColumn { entity: merge.is_none(), name, item, merge });
+        columns.push(OutputColumn { entity: merge.is_none(), name, item, merge, stored });
     }
     let mut derived = Vec::new();
     for name in needed {
@@ -555,6 +564,23 @@ fn has_subquery(e: &Expr) -> bool {
         _ => std::ops::ControlFlow::Continue(()),
     })
     .is_break()
+}
+
+/// The first of `forms` whose pattern `expr` matches, extending `bindings` with that match.
+fn first_match<'f, 'q>(
+    forms: impl IntoIterator<Item = &'f Form>,
+    matcher: &Matcher,
+    expr: &'q Expr,
+    bindings: &mut Bindings<'q>,
+) -> Option<&'f Form> {
+    forms.into_iter().find(|form| {
+        let mut trial = bindings.clone();
+        let ok = matcher.matches(&form.query.expr, expr, &mut trial);
+        if ok {
+            *bindings = trial;
+        }
+        ok
+    })
 }
 
 /// What a cheap look at a candidate's tokens says, before any parsing.
@@ -960,6 +986,24 @@ mod tests {
         let sql = SEED.replace("min(timestamp) AS first_exposure_time, ", "");
         let o = first(&sql).unwrap();
         assert_eq!(o.derived, [DerivedColumn { name: "first_exposure_time".into(), expr: "min(timestamp)".into() }]);
+    }
+
+    #[test]
+    fn outputs_over_a_merged_column_are_computed_after_the_merge() {
+        // A column's form under another alias, and an output form under any alias.
+        let sql = SEED
+            .replace("min(timestamp) AS first_exposure_time", "min(timestamp) AS first_seen")
+            .replace("max(timestamp) AS", "toDateOrNull(toString(min(timestamp))) AS day, max(timestamp) AS");
+        let o = first(&sql).unwrap();
+        let outputs: Vec<(&str, bool, Option<&str>)> =
+            o.columns.iter().map(|c| (c.name.as_str(), c.stored, c.merge.as_deref())).collect();
+        assert!(outputs.contains(&("first_seen", false, Some("min(__preagg_first_exposure_time)"))), "{outputs:?}");
+        assert!(outputs.contains(&("day", false, Some("toDateOrNull(toString(min(__preagg_first_exposure_time)))"))));
+        assert_eq!(o.derived, [DerivedColumn { name: "first_exposure_time".into(), expr: "min(timestamp)".into() }]);
+        assert!(!o.stored_columns().contains(&"day") && !o.stored_columns().contains(&"first_seen"));
+        // Under a rule column's own name, only that column's forms count.
+        let misnamed = SEED.replace("max(timestamp) AS last_exposure_time", "min(timestamp) AS last_exposure_time");
+        assert_eq!(first(&misnamed).map(|_| ()), Err(Reason::UnknownAggregate));
     }
 
     #[test]

@@ -64,6 +64,7 @@ fn edited_body(text: &str, occ: &Occurrence, edit: &BodyEdit) -> Result<String, 
         let conjunct = format!("less({}, {})", occ.upper.time_expr, quote::datetime64(at));
         edits.push(Edit::new(local(&occ.upper.conjunct), conjunct));
     }
+    edits.extend(unstored_items(occ).into_iter().map(|r| Edit::new(local(&r), "")));
     edits.push(Edit::insert(occ.where_at - body.start, format!("PREWHERE {} ", edit.prewhere)));
     let mut select: Vec<String> =
         occ.derived.iter().map(|d| format!("{} AS {}", d.expr, quote::identifier(&d.name))).collect();
@@ -75,6 +76,23 @@ fn edited_body(text: &str, occ: &Occurrence, edit: &BodyEdit) -> Result<String, 
         edits.push(Edit::insert(body.end - body.start, format!(", {}", edit.extra_group_by.join(", "))));
     }
     splice::apply(&text[body], &edits)
+}
+
+/// Byte ranges that take the projection items not stored (outputs computed after the merge) out
+/// of the body, each with the comma that separates it from the kept items.
+fn unstored_items(occ: &Occurrence) -> Vec<Range<usize>> {
+    let items = &occ.columns;
+    let Some(first_kept) = items.iter().position(|c| c.stored) else { return Vec::new() };
+    let mut cuts = Vec::new();
+    if first_kept > 0 {
+        cuts.push(items[0].item.start..items[first_kept].item.start);
+    }
+    for k in first_kept + 1..items.len() {
+        if !items[k].stored {
+            cuts.push(items[k - 1].item.end..items[k].item.end);
+        }
+    }
+    cuts
 }
 
 /// The identity columns as the source's columns (`` `events`.`distinct_id` ``).

@@ -154,6 +154,10 @@ pub struct ColumnRule {
     pub derive: Option<Template>,
     /// Accepted query forms with their merges.
     pub forms: Vec<Form>,
+    /// Expressions over this column's aggregate that a query may project under any alias
+    /// (`toDateOrNull(toString(min($t))) AS day`): never stored themselves, they are computed
+    /// after the merge from the stored column.
+    pub outputs: Vec<Form>,
 }
 
 /// One accepted spelling of a column and how it re-aggregates.
@@ -300,6 +304,8 @@ struct ColumnFile {
     stored_type: String,
     derive: Option<String>,
     forms: Vec<FormFile>,
+    #[serde(default)]
+    outputs: Vec<FormFile>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -407,21 +413,30 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
             }
             None => None,
         };
-        let mut forms = Vec::new();
-        for (j, f) in c.forms.iter().enumerate() {
-            let expr = parse_pattern(&f.query).map_err(|m| err(&field(&format!("forms[{j}].query")), m))?;
-            let query = Pattern { text: f.query.clone(), expr };
-            let merge = Template { text: f.merge.clone() };
-            validate_merge(&merge, &query, &column_names).map_err(|m| err(&field(&format!("forms[{j}].merge")), m))?;
-            forms.push(Form { query, merge });
-        }
-        columns.push(ColumnRule { name: c.name.clone(), stored_type: c.stored_type.clone(), derive, forms });
+        let parse_forms = |list: &[FormFile], key: &str| -> Result<Vec<Form>, RuleError> {
+            let mut forms = Vec::new();
+            for (j, f) in list.iter().enumerate() {
+                let expr = parse_pattern(&f.query).map_err(|m| err(&field(&format!("{key}[{j}].query")), m))?;
+                let query = Pattern { text: f.query.clone(), expr };
+                let merge = Template { text: f.merge.clone() };
+                validate_merge(&merge, &query, &column_names)
+                    .map_err(|m| err(&field(&format!("{key}[{j}].merge")), m))?;
+                forms.push(Form { query, merge });
+            }
+            Ok(forms)
+        };
+        let forms = parse_forms(&c.forms, "forms")?;
+        let outputs = parse_forms(&c.outputs, "outputs")?;
+        columns.push(ColumnRule { name: c.name.clone(), stored_type: c.stored_type.clone(), derive, forms, outputs });
     }
     for (i, c) in columns.iter().enumerate() {
-        for form in &c.forms {
+        for form in c.forms.iter().chain(&c.outputs) {
             for needed in merge_columns(&form.merge, &column_names) {
                 let target = columns.iter().find(|x| x.name == needed);
-                if needed != c.name && target.is_some_and(|t| t.derive.is_none()) {
+                // A form stores its own column; an output stores none, so every column it reads
+                // must be derivable.
+                let own = needed == c.name && c.forms.iter().any(|f| std::ptr::eq(f, form));
+                if !own && target.is_some_and(|t| t.derive.is_none()) {
                     return Err(err(
                         &format!("column[{i}].forms"),
                         format!("merge reads `{needed}`, which has no `derive` for queries that do not project it"),

@@ -127,6 +127,7 @@ pub fn forms(team: i64, flag: &str) -> Vec<Form> {
         shape_form("ratio metric, inlined twice", "ratio_", 2, team, flag),
         shape_form("funnel, exposures and exposure_data", "funnel_", 2, team, flag),
         shape_form("retention, CTE", "retention_", 1, team, flag),
+        shape_form("exposures over time, first exposure day", "exposures_timeseries_", 1, team, flag),
         Form { name: "standalone exposures, SETTINGS".into(), template: standalone, occurrences: 1 },
         Form { name: "standalone exposures, all six columns".into(), template: full_columns, occurrences: 1 },
         Form {
