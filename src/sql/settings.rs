@@ -44,6 +44,7 @@ const NOT_SETTINGS: &[&str] = &[
 /// Settings that limit, tune or format a query without changing its rows.
 const NEUTRAL: &[&str] = &[
     "readonly",
+    "cancel_http_readonly_queries_on_client_close",
     "max_execution_time",
     "max_threads",
     "max_memory_usage",
