@@ -107,6 +107,7 @@ fn shapes() {
         ("funnel_metric_exposures_and_exposure_data", Rewritten(2)),
         ("retention_metric_with_cte", Rewritten(1)),
         ("exposures_timeseries_first_exposure_day", Rewritten(1)),
+        ("mean_metric_breakdown_with_cte", Rewritten(1)),
         ("other_sessions_overview", Passthrough(Reason::NotExperimentQuery)),
         ("other_trends_daily_breakdown", Passthrough(Reason::NotExperimentQuery)),
         ("other_actors_with_tag_comment", Passthrough(Reason::NotExperimentQuery)),
@@ -114,9 +115,8 @@ fn shapes() {
     golden("shapes", &corpus::shapes(), &expected, str::to_string, "2026-11-01T00:00:00Z");
 }
 
-/// PostHog's real corpus, read in place (skipped without it, except under CI). 05, 06, 08 and 09
-/// are shapes the proxy refuses today, each for the reason named: a change in any outcome fails
-/// here.
+/// PostHog's real corpus, read in place (skipped without it, except under CI). 06, 08 and 09 are
+/// shapes the proxy refuses today, each for the reason named: a change in any outcome fails here.
 #[test]
 fn corpus() {
     let Some(files) = corpus::posthog() else { return };
@@ -126,7 +126,7 @@ fn corpus() {
         ("03_funnel_metric_inlined_exposures", Rewritten(2)),
         ("04_retention_metric_with_cte", Rewritten(1)),
         // The exposures CTE also projects a breakdown column (an argMin over a property).
-        ("05_funnel_metric_breakdown_with_cte", Passthrough(Reason::UnknownAggregate)),
+        ("05_funnel_metric_breakdown_with_cte", Rewritten(1)),
         // The exposures read `events_json`, not the rule's `events`.
         ("06_mean_metric_new_events_schema_json_with_cte", Passthrough(Reason::OtherSourceTable)),
         // The exposures runner's `toDateOrNull(toString(min(t))) AS day`, computed after the merge.

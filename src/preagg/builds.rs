@@ -66,9 +66,10 @@ pub enum BuildError {
     /// DESCRIBE did not list the stored columns.
     #[error("DESCRIBE returned columns {0:?}, expected the stored columns")]
     Columns(Vec<String>),
-    /// The source's type of an identity column is not the type the rule stores it in.
-    #[error("identity column `{column}` is `{found}` in the source, not the rule's type")]
-    IdentityType {
+    /// A column's type in the body cannot be stored in the rule's type without loss: an identity
+    /// column of another type, or a nullable value for a column that is not.
+    #[error("column `{column}` is `{found}` in the body, which the rule's stored type cannot hold")]
+    StoredType {
         /// The column.
         column: String,
         /// Its type in the source.
@@ -260,13 +261,19 @@ impl Engine {
                 return Err(BuildError::Columns(names));
             }
             // Identity columns are stored in the rule's type: the source's must be that type, or
-            // read time would join on converted values.
+            // read time would join on converted values. No column may lose its NULLs.
             for (name, ty) in &described {
                 if let Some(column) = found.rule.source.identity_columns.iter().find(|c| &c.name == name)
                     && ty != &column.stored_type
                     && *ty != format!("LowCardinality({})", column.stored_type)
                 {
-                    return Err(BuildError::IdentityType { column: name.clone(), found: ty.clone() });
+                    return Err(BuildError::StoredType { column: name.clone(), found: ty.clone() });
+                }
+                if let Some(column) = found.rule.column(name)
+                    && ty.contains("Nullable(")
+                    && !column.stored_type.contains("Nullable(")
+                {
+                    return Err(BuildError::StoredType { column: name.clone(), found: ty.clone() });
                 }
             }
             let types = described.into_iter().map(|(_, t)| t).collect();

@@ -94,30 +94,35 @@ pub fn table_ddl(rule: &Rule, layout: &Layout) -> Vec<String> {
     }
 }
 
-/// The DDL that gives a table created before identity columns existed (its columns are `present`)
-/// the rule's identity columns, appended to its sort key in the same statement as ClickHouse
-/// requires. Empty when nothing is missing.
+/// The DDL that gives a table created by an earlier version (its columns are `present`) the
+/// columns the rule has since gained: identity columns join the sort key in the same statement,
+/// as ClickHouse requires; other columns are only added. Empty when nothing is missing.
 pub fn upgrade_ddl(rule: &Rule, layout: &Layout, present: &[String]) -> Vec<String> {
-    let missing: Vec<String> = rule
+    let add = |name: &str, ty: &str| format!("ADD COLUMN IF NOT EXISTS {} {ty}", quote::identifier(name));
+    let identity: Vec<String> = rule
         .source
         .identity_columns
         .iter()
         .filter(|c| !present.contains(&c.name))
-        .map(|c| format!("ADD COLUMN IF NOT EXISTS {} {}", quote::identifier(&c.name), c.stored_type))
+        .map(|c| add(&c.name, &c.stored_type))
         .collect();
-    if missing.is_empty() {
+    let mut adds = identity.clone();
+    adds.extend(rule.columns.iter().filter(|c| !present.contains(&c.name)).map(|c| add(&c.name, &c.stored_type)));
+    if adds.is_empty() {
         return Vec::new();
     }
     let key = row_key(rule).join(", ");
-    let adds = missing.join(", ");
+    let sort_key =
+        if identity.is_empty() { String::new() } else { format!(", MODIFY ORDER BY (team_id, job_id, {key})") };
+    let adds = adds.join(", ");
     let table = quote::qualified(&layout.database, &rule.target.table);
     match &layout.cluster {
-        None => vec![format!("ALTER TABLE {table} {adds}, MODIFY ORDER BY (team_id, job_id, {key})")],
+        None => vec![format!("ALTER TABLE {table} {adds}{sort_key}")],
         Some(cluster) => {
             let local = quote::qualified(&layout.database, &format!("{}_local", rule.target.table));
             let on = quote::identifier(cluster);
             vec![
-                format!("ALTER TABLE {local} ON CLUSTER {on} {adds}, MODIFY ORDER BY (team_id, job_id, {key})"),
+                format!("ALTER TABLE {local} ON CLUSTER {on} {adds}{sort_key}"),
                 format!("ALTER TABLE {table} ON CLUSTER {on} {adds}"),
             ]
         }
@@ -355,12 +360,17 @@ mod tests {
     }
 
     #[test]
-    fn a_table_without_identity_columns_is_upgraded_once() {
+    fn a_table_of_an_earlier_version_is_upgraded_once() {
         let layout = Layout { database: "default".into(), cluster: None };
+        let rule = rule();
         let old: Vec<String> = ["team_id", "job_id", "entity_id", "variant"].map(String::from).into();
-        insta::assert_snapshot!(upgrade_ddl(&rule(), &layout, &old).join(";\n"));
-        let new: Vec<String> = old.iter().cloned().chain(["distinct_id".into(), "person_id".into()]).collect();
-        assert!(upgrade_ddl(&rule(), &layout, &new).is_empty());
+        insta::assert_snapshot!(upgrade_ddl(&rule, &layout, &old).join(";\n"));
+        let identity = rule.source.identity_columns.iter().map(|c| c.name.clone());
+        let mut new: Vec<String> = old.iter().cloned().chain(identity).collect();
+        let columns_only = upgrade_ddl(&rule, &layout, &new).join(";\n");
+        assert!(columns_only.contains("breakdown_value_1") && !columns_only.contains("ORDER BY"), "{columns_only}");
+        new.extend(rule.columns.iter().map(|c| c.name.clone()));
+        assert!(upgrade_ddl(&rule, &layout, &new).is_empty());
     }
 
     #[test]
