@@ -108,6 +108,7 @@ fn shapes() {
         ("retention_metric_with_cte", Rewritten(1)),
         ("exposures_timeseries_first_exposure_day", Rewritten(1)),
         ("mean_metric_breakdown_with_cte", Rewritten(1)),
+        ("exposures_custom_exposure_pageview", Rewritten(1)),
         ("other_sessions_overview", Passthrough(Reason::NotExperimentQuery)),
         ("other_trends_daily_breakdown", Passthrough(Reason::NotExperimentQuery)),
         ("other_actors_with_tag_comment", Passthrough(Reason::NotExperimentQuery)),
@@ -115,7 +116,7 @@ fn shapes() {
     golden("shapes", &corpus::shapes(), &expected, str::to_string, "2026-11-01T00:00:00Z");
 }
 
-/// PostHog's real corpus, read in place (skipped without it, except under CI). 06, 08 and 09 are
+/// PostHog's real corpus, read in place (skipped without it, except under CI). 06 and 09 are
 /// shapes the proxy refuses today, each for the reason named: a change in any outcome fails here.
 #[test]
 fn corpus() {
@@ -131,8 +132,9 @@ fn corpus() {
         ("06_mean_metric_new_events_schema_json_with_cte", Passthrough(Reason::OtherSourceTable)),
         // The exposures runner's `toDateOrNull(toString(min(t))) AS day`, computed after the merge.
         ("07_exposures_timeseries_runner_first_exposure_day", Rewritten(1)),
-        // A custom exposure criterion: `$pageview` events, no `$feature_flag_called` to prefilter on.
-        ("08_exposures_timeseries_custom_exposure_pageview", Passthrough(Reason::NotExperimentQuery)),
+        // A custom exposure criterion: `$pageview` events with a property filter, the variant read
+        // from `$feature/<flag>`.
+        ("08_exposures_timeseries_custom_exposure_pageview", Rewritten(1)),
         // The exposures also project (and group by) an `exposure_identifier`.
         ("09_data_warehouse_metric_exposure_identifier", Passthrough(Reason::UnknownAggregate)),
         ("other_01_web_overview", Passthrough(Reason::NotExperimentQuery)),

@@ -252,7 +252,7 @@ impl Engine {
 
     /// Decides what to do with a SELECT: the request path's "decide" phase. Background builds it
     /// needs are left in `deferred`, to start once the request is done with. `context` is read
-    /// only for a query that some rule's prefilter literals all occur in (a memchr scan): most
+    /// only for a query that one of some rule's prefilter literals occurs in (a memchr scan): most
     /// queries are forwarded before it, and before the analysis is timed.
     pub async fn decide(
         self: &Arc<Self>,

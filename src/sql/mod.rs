@@ -73,13 +73,13 @@ pub struct Analysis {
     pub refused: Vec<Reason>,
 }
 
-/// The rules whose prefilter literals all occur in `text`: a memchr scan, no tokenizing. Fails
+/// The rules one of whose prefilter literals occurs in `text`: a memchr scan, no tokenizing. Fails
 /// with `not_experiment_query` when there is none.
 pub fn prefilter<'r>(rules: &'r [Arc<Rule>], text: &str) -> Result<Vec<&'r Arc<Rule>>, Reason> {
     let applicable: Vec<_> = rules
         .iter()
         .filter(|rule| {
-            rule.prefilter.iter().all(|needle| memchr::memmem::find(text.as_bytes(), needle.as_bytes()).is_some())
+            rule.prefilter.iter().any(|needle| memchr::memmem::find(text.as_bytes(), needle.as_bytes()).is_some())
         })
         .collect();
     if applicable.is_empty() { Err(Reason::NotExperimentQuery) } else { Ok(applicable) }
@@ -142,7 +142,7 @@ pub fn analyze_applicable(
         }
         for rule in applicable {
             let body = &text[tokens.byte_span(candidate.body.clone())];
-            if !rule.prefilter.iter().all(|needle| body.contains(needle.as_str())) {
+            if !rule.prefilter.iter().any(|needle| body.contains(needle.as_str())) {
                 continue;
             }
             match matcher::candidacy(&tokens, &candidate, &rule.source.table) {

@@ -72,7 +72,8 @@ pub struct Rule {
     pub description: String,
     /// File the rule came from.
     pub file: PathBuf,
-    /// Strings that must all occur in a query before it is tokenized.
+    /// Strings of which one must occur in a query (and in a candidate body) before it is
+    /// tokenized.
     pub prefilter: Vec<String>,
     /// Per-rule mode override (`shadow` to trial one rule in production).
     pub mode: Option<Mode>,

@@ -25,8 +25,8 @@ impl Form {
     }
 }
 
-/// An own shape (`fixtures/shapes/`) as a template: its team and flag replaced by `team` and
-/// `flag`, its bounds by the `{LO}`/`{HI}` placeholders (the retention shape's whole seconds become
+/// An own shape (`fixtures/shapes/`) as a template: its team and flag (also in a
+/// `$feature/<flag>` property) replaced by `team` and `flag`, its bounds by the `{LO}`/`{HI}` placeholders (the retention shape's whole seconds become
 /// `toDateTime64` with microseconds, as the ranges need).
 fn shape_template(prefix: &str, team: i64, flag: &str) -> String {
     use corpus::own;
@@ -37,6 +37,7 @@ fn shape_template(prefix: &str, team: i64, flag: &str) -> String {
         .replace(&seconds(own::START_SECONDS), "toDateTime64('{LO}', 6, 'UTC')")
         .replace(&seconds(own::END_SECONDS), "toDateTime64('{HI}', 6, 'UTC')")
         .replace(own::TEAM, &team.to_string())
+        .replace(&format!("$feature/{}", own::FLAG.trim_matches('\'')), &format!("$feature/{flag}"))
         .replace(own::FLAG, &format!("'{flag}'"))
 }
 
@@ -129,6 +130,7 @@ pub fn forms(team: i64, flag: &str) -> Vec<Form> {
         shape_form("retention, CTE", "retention_", 1, team, flag),
         shape_form("exposures over time, first exposure day", "exposures_timeseries_", 1, team, flag),
         shape_form("mean metric with a breakdown, CTE", "mean_metric_breakdown_", 1, team, flag),
+        shape_form("exposures over time, custom exposure", "exposures_custom_", 1, team, flag),
         Form { name: "standalone exposures, SETTINGS".into(), template: standalone, occurrences: 1 },
         Form { name: "standalone exposures, all six columns".into(), template: full_columns, occurrences: 1 },
         Form {

@@ -19,7 +19,8 @@ data; 50M events take about 80 s on 2 cores. Shares are of --events:
   second variant, half of them within one day, half on another day; 1% of exposures answer 'holdout'.
 - 3% exposures of other flags (other-flag-0..2) for the same persons.
 - 55% metric events of all main-team persons: a `signup` first, then `$pageview`, `login` and
-  `purchase` (with a numeric `amount` property).
+  `purchase` (with a numeric `amount` property); an exposed person's pageviews carry its variant
+  as `$feature/<flag>`.
 - 12% events of teams 2 and 1000, 30% of them exposures of the same flag name.
 
 Timestamps carry microseconds and lie in [start, start + days). The microseconds modulo 1000 of an
@@ -103,6 +104,7 @@ class Generator:
         self.team = args.team
         self.days = args.days
         self.flag = sql_string(args.flag)
+        self.flag_key = args.flag
         self.variants = "[" + ", ".join(sql_string(v) for v in args.variants) + "]"
         self.start_us = int(datetime.fromisoformat(args.start).replace(tzinfo=timezone.utc).timestamp()) * 1_000_000
         self.plan = Plan(args.events)
@@ -204,9 +206,13 @@ SETTINGS max_insert_threads = 2, output_format_json_escape_forward_slashes = 0""
                concat('https://example.com/page/', toString({self.hash('page', 'n')} % 20)) AS url,
                round(5 + ({self.hash('amount', 'n')} % 20000) / 100, 2) AS amount
         FROM numbers({self.plan.metric_events})"""
+        # An exposed person's pageviews carry the variant as `$feature/<flag>`, as PostHog's SDKs
+        # send it: what a custom exposure criterion reads.
+        variant = f"{self.variants}[{self.hash('variant', 'p')} % length({self.variants}) + 1]"
         return self.events_insert(source, "name", {
             "$browser": ("browser", True),
             "$current_url": ("url", True, "name = '$pageview'"),
+            f"$feature/{self.flag_key}": (variant, True, "name = '$pageview' AND p % 5 != 4"),
             "amount": ("amount", False, "name = 'purchase'")})
 
     def other_team_events(self, offset: int) -> str:
