@@ -1017,10 +1017,8 @@ mod tests {
             (SEED.replace("'2026-01-01'", "other_time"), Reason::NonLiteralBound),
             (SEED.replace("'2026-01-15'", "'2026-01-01'"), Reason::EmptyRange),
             (
-                SEED.replace(
-                    "event = '$feature_flag_called' AND",
-                    "event = '$pageview' AND '$feature_flag_called' != '' AND",
-                ),
+                // No exposure event equality at all (any event's would do).
+                SEED.replace("event = '$feature_flag_called' AND", "'$feature_flag_called' != '' AND"),
                 Reason::MissingPredicate,
             ),
             (SEED.replace("'my-experiment-flag'", "{flag:String}"), Reason::QueryParameters),
