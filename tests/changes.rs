@@ -206,7 +206,11 @@ async fn a_table_made_before_identity_columns_is_upgraded_and_served() {
          AND name = 'experiment_exposures_preaggregated'",
     )
     .await;
-    assert_eq!(key.lines[2], "team_id, job_id, entity_id, distinct_id, person_id");
+    assert_eq!(
+        key.lines[2],
+        "team_id, job_id, entity_id, distinct_id, person_id, isNull(exposure_identifier), \
+         assumeNotNull(exposure_identifier)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

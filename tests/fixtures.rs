@@ -109,6 +109,7 @@ fn shapes() {
         ("exposures_timeseries_first_exposure_day", Rewritten(1)),
         ("mean_metric_breakdown_with_cte", Rewritten(1)),
         ("exposures_custom_exposure_pageview", Rewritten(1)),
+        ("data_warehouse_exposure_identifier", Rewritten(1)),
         ("other_sessions_overview", Passthrough(Reason::NotExperimentQuery)),
         ("other_trends_daily_breakdown", Passthrough(Reason::NotExperimentQuery)),
         ("other_actors_with_tag_comment", Passthrough(Reason::NotExperimentQuery)),
@@ -116,8 +117,8 @@ fn shapes() {
     golden("shapes", &corpus::shapes(), &expected, str::to_string, "2026-11-01T00:00:00Z");
 }
 
-/// PostHog's real corpus, read in place (skipped without it, except under CI). 06 and 09 are
-/// shapes the proxy refuses today, each for the reason named: a change in any outcome fails here.
+/// PostHog's real corpus, read in place (skipped without it, except under CI). 06 is a shape the
+/// proxy refuses today, for the reason named: a change in any outcome fails here.
 #[test]
 fn corpus() {
     let Some(files) = corpus::posthog() else { return };
@@ -135,8 +136,8 @@ fn corpus() {
         // A custom exposure criterion: `$pageview` events with a property filter, the variant read
         // from `$feature/<flag>`.
         ("08_exposures_timeseries_custom_exposure_pageview", Rewritten(1)),
-        // The exposures also project (and group by) an `exposure_identifier`.
-        ("09_data_warehouse_metric_exposure_identifier", Passthrough(Reason::UnknownAggregate)),
+        // The exposures also project (and group by) an `exposure_identifier`, a rule group key.
+        ("09_data_warehouse_metric_exposure_identifier", Rewritten(1)),
         ("other_01_web_overview", Passthrough(Reason::NotExperimentQuery)),
         ("other_02_trends_breakdown_timeseries", Passthrough(Reason::NotExperimentQuery)),
         ("other_03_legacy_actors_query_with_tag_comment", Passthrough(Reason::NotExperimentQuery)),

@@ -269,9 +269,11 @@ impl Engine {
                 {
                     return Err(BuildError::StoredType { column: name.clone(), found: ty.clone() });
                 }
-                if let Some(column) = found.rule.column(name)
+                let stored_type =
+                    found.rule.column(name).map(|c| &c.stored_type).or(found.rule.key(name).map(|k| &k.stored_type));
+                if let Some(stored_type) = stored_type
                     && ty.contains("Nullable(")
-                    && !column.stored_type.contains("Nullable(")
+                    && !stored_type.contains("Nullable(")
                 {
                     return Err(BuildError::StoredType { column: name.clone(), found: ty.clone() });
                 }

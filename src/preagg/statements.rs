@@ -35,12 +35,23 @@ pub struct Layout {
 }
 
 /// The row key of a rule's table: a job's rows are one per entity, or one per identity (the
-/// entity column empty).
+/// entity column empty), and per value of the rule's group keys (a nullable key as whether it is
+/// NULL and its value: a sort key must not be nullable).
 fn row_key(rule: &Rule) -> Vec<String> {
-    std::iter::once(&rule.target.entity)
+    let mut key: Vec<String> = std::iter::once(&rule.target.entity)
         .chain(rule.source.identity_columns.iter().map(|c| &c.name))
         .map(|name| quote::identifier(name))
-        .collect()
+        .collect();
+    for group_key in &rule.keys {
+        let name = quote::identifier(&group_key.name);
+        if group_key.stored_type.contains("Nullable(") {
+            key.push(format!("isNull({name})"));
+            key.push(format!("assumeNotNull({name})"));
+        } else {
+            key.push(name);
+        }
+    }
+    key
 }
 
 /// The identity columns as column definitions.
@@ -57,6 +68,7 @@ pub fn table_ddl(rule: &Rule, layout: &Layout) -> Vec<String> {
         format!("{} String", quote::identifier(&rule.target.entity)),
     ];
     columns.extend(identity_definitions(rule));
+    columns.extend(rule.keys.iter().map(|k| format!("{} {}", quote::identifier(&k.name), k.stored_type)));
     columns.extend(rule.columns.iter().map(|c| format!("{} {}", quote::identifier(&c.name), c.stored_type)));
     columns.push("computed_at DateTime64(6, 'UTC')".to_string());
     columns.push("expires_at DateTime64(6, 'UTC')".to_string());
@@ -99,12 +111,15 @@ pub fn table_ddl(rule: &Rule, layout: &Layout) -> Vec<String> {
 /// as ClickHouse requires; other columns are only added. Empty when nothing is missing.
 pub fn upgrade_ddl(rule: &Rule, layout: &Layout, present: &[String]) -> Vec<String> {
     let add = |name: &str, ty: &str| format!("ADD COLUMN IF NOT EXISTS {} {ty}", quote::identifier(name));
+    // Columns of the sort key: identity columns and group keys.
     let identity: Vec<String> = rule
         .source
         .identity_columns
         .iter()
-        .filter(|c| !present.contains(&c.name))
-        .map(|c| add(&c.name, &c.stored_type))
+        .map(|c| (&c.name, &c.stored_type))
+        .chain(rule.keys.iter().map(|k| (&k.name, &k.stored_type)))
+        .filter(|(name, _)| !present.contains(name))
+        .map(|(name, ty)| add(name, ty))
         .collect();
     let mut adds = identity.clone();
     adds.extend(rule.columns.iter().filter(|c| !present.contains(&c.name)).map(|c| add(&c.name, &c.stored_type)));
@@ -365,8 +380,9 @@ mod tests {
         let rule = rule();
         let old: Vec<String> = ["team_id", "job_id", "entity_id", "variant"].map(String::from).into();
         insta::assert_snapshot!(upgrade_ddl(&rule, &layout, &old).join(";\n"));
-        let identity = rule.source.identity_columns.iter().map(|c| c.name.clone());
-        let mut new: Vec<String> = old.iter().cloned().chain(identity).collect();
+        let sort_key = rule.source.identity_columns.iter().map(|c| c.name.clone());
+        let sort_key = sort_key.chain(rule.keys.iter().map(|k| k.name.clone()));
+        let mut new: Vec<String> = old.iter().cloned().chain(sort_key).collect();
         let columns_only = upgrade_ddl(&rule, &layout, &new).join(";\n");
         assert!(columns_only.contains("breakdown_value_1") && !columns_only.contains("ORDER BY"), "{columns_only}");
         new.extend(rule.columns.iter().map(|c| c.name.clone()));

@@ -106,6 +106,9 @@ pub struct OutputColumn {
     /// Whether the column is stored under its name; an output computed after the merge from
     /// other stored columns (`min(t) AS day`) is not, and builds leave it out.
     pub stored: bool,
+    /// Whether this is a per-row group key beside the entity (one of the rule's keys): stored,
+    /// and grouped by again at read time.
+    pub group_key: bool,
 }
 
 /// A stored column a merge needs that the query does not project.
@@ -182,7 +185,7 @@ pub struct IdentityJoin {
     pub joins: Range<usize>,
     /// The entity expression, as written.
     pub entity_expr: String,
-    /// Byte range of the GROUP BY key.
+    /// Byte range of the entity's item in the GROUP BY.
     pub group_key: Range<usize>,
     /// Byte ranges of the WHERE conjuncts that read a joined relation or the entity: they filter
     /// at read time.
@@ -240,6 +243,7 @@ pub fn match_candidate(
     }
     let mut bindings = Bindings::new();
     let mut entity_expr = None;
+    let mut key_exprs: Vec<(&str, &Expr)> = Vec::new();
     let mut matched = Vec::new();
     let mut names = HashSet::new();
     for (item, tokens_range) in select.projection.iter().zip(&items) {
@@ -250,6 +254,11 @@ pub fn match_candidate(
         let item_bytes = tokens.byte_span(tokens_range.clone());
         if alias.value == rule.target.entity {
             entity_expr = Some(expr);
+            matched.push((alias.value.clone(), item_bytes, None));
+            continue;
+        }
+        if rule.key(&alias.value).is_some() {
+            key_exprs.push((alias.value.as_str(), expr));
             matched.push((alias.value.clone(), item_bytes, None));
             continue;
         }
@@ -270,7 +279,7 @@ pub fn match_candidate(
         matched.push((alias.value.clone(), item_bytes, Some((form, stored))));
     }
     let entity_expr = entity_expr.ok_or(Reason::UnsupportedGroupBy)?;
-    check_group_by(select, entity_expr, &rule.target.entity, &matcher)?;
+    let entity_key = check_group_by(select, (&rule.target.entity, entity_expr), &key_exprs, &matcher)?;
 
     // WHERE: bounds, team, required predicates.
     let selection = select.selection.as_ref().ok_or(Reason::MissingBound)?;
@@ -337,6 +346,7 @@ pub fn match_candidate(
     let mut needed = Vec::new();
     for (name, item, form) in matched {
         let stored = form.is_none_or(|(_, stored)| stored);
+        let group_key = rule.key(&name).is_some();
         let merge = match form {
             None => None,
             Some((form, _)) => {
@@ -354,7 +364,7 @@ pub fn match_candidate(
                 Some(merge)
             }
         };
-        columns.push(OutputColumn { entity: merge.is_none(), name, item, merge, stored });
+        columns.push(OutputColumn { entity: merge.is_none() && !group_key, name, item, merge, stored, group_key });
     }
     let mut derived = Vec::new();
     for name in needed {
@@ -369,7 +379,7 @@ pub fn match_candidate(
     let keying = match select.from.first() {
         Some(from) if exact_under_change && !from.joins.is_empty() => {
             let joined = JoinedBody { select, scope: &scope, source_name: &source_alias, rule, cut: &cut };
-            Keying::Identity(joined.identity_join(range.clone(), where_index, entity_expr, &conjuncts)?)
+            Keying::Identity(joined.identity_join(range.clone(), where_index, (entity_expr, entity_key), &conjuncts)?)
         }
         _ => Keying::Entity,
     };
@@ -427,7 +437,7 @@ impl JoinedBody<'_> {
         &self,
         body: Range<usize>,
         where_index: usize,
-        entity_expr: &Expr,
+        (entity_expr, entity_key): (&Expr, &Expr),
         conjuncts: &[&Expr],
     ) -> Result<IdentityJoin, Reason> {
         let tokens = self.cut.tokens;
@@ -472,8 +482,7 @@ impl JoinedBody<'_> {
             let cut = self.cut.verified(conjunct).ok_or(Reason::Unlocatable)?;
             joined_conjuncts.push(tokens.byte_span(cut));
         }
-        let GroupByExpr::Expressions(keys, _) = &self.select.group_by else { return Err(Reason::UnsupportedGroupBy) };
-        let group_key = keys.first().and_then(|k| self.cut.verified(k)).ok_or(Reason::Unlocatable)?;
+        let group_key = self.cut.verified(entity_key).ok_or(Reason::Unlocatable)?;
         let entity = self.cut.verified(entity_expr).ok_or(Reason::Unlocatable)?;
         Ok(IdentityJoin {
             source_name: self.source_name.to_string(),
@@ -817,15 +826,28 @@ fn team_literal_tokens(tokens: &Tokens, range: Range<usize>, team: i64) -> Vec<u
     range.filter(|&i| matches!(tokens.get(i), Some(Token::Number(n, _)) if *n == team)).collect()
 }
 
-fn check_group_by(select: &Select, entity: &Expr, entity_name: &str, matcher: &Matcher) -> Result<(), Reason> {
-    let GroupByExpr::Expressions(keys, modifiers) = &select.group_by else { return Err(Reason::UnsupportedGroupBy) };
-    let [key] = keys.as_slice() else { return Err(Reason::UnsupportedGroupBy) };
-    let by_alias = matches!(key, Expr::Identifier(i) if i.value == entity_name);
-    if modifiers.is_empty() && (by_alias || matcher.equivalent(key, entity)) {
-        Ok(())
-    } else {
-        Err(Reason::UnsupportedGroupBy)
+/// The GROUP BY must be the entity and the projected group keys, each once (by alias or by
+/// expression), in any order. Returns the entity's GROUP BY item.
+fn check_group_by<'s>(
+    select: &'s Select,
+    entity: (&str, &Expr),
+    keys: &[(&str, &Expr)],
+    matcher: &Matcher,
+) -> Result<&'s Expr, Reason> {
+    let GroupByExpr::Expressions(items, modifiers) = &select.group_by else { return Err(Reason::UnsupportedGroupBy) };
+    if !modifiers.is_empty() || items.len() != 1 + keys.len() {
+        return Err(Reason::UnsupportedGroupBy);
     }
+    let is = |item: &Expr, (name, expr): (&str, &Expr)| {
+        matches!(item, Expr::Identifier(i) if i.value == name) || matcher.equivalent(item, expr)
+    };
+    let entity_item = items.iter().find(|item| is(item, entity)).ok_or(Reason::UnsupportedGroupBy)?;
+    for key in keys {
+        if !items.iter().any(|item| !std::ptr::eq(item, entity_item) && is(item, *key)) {
+            return Err(Reason::UnsupportedGroupBy);
+        }
+    }
+    Ok(entity_item)
 }
 
 /// Conjuncts of a WHERE: `and(...)` calls, `AND` chains and parentheses are flattened.

@@ -276,18 +276,25 @@ pub fn replacement(
         .map(|c| {
             let value = match (&c.merge, &occ.keying) {
                 (Some(merge), _) => merge.clone(),
-                (None, Keying::Entity) => quote::identifier(&format!("{INNER_PREFIX}{}", c.name)),
-                (None, Keying::Identity(join)) => join.entity_expr.clone(),
+                (None, Keying::Identity(join)) if c.entity => join.entity_expr.clone(),
+                (None, _) => quote::identifier(&format!("{INNER_PREFIX}{}", c.name)),
             };
             format!("{value} AS {}", quote::identifier(&c.name))
         })
         .collect();
     let branches = branches.join(" UNION ALL ");
+    // The rule's per-row group keys are grouped by again, beside the entity.
+    let group_keys: String = occ
+        .columns
+        .iter()
+        .filter(|c| c.group_key)
+        .map(|c| format!(", {}", quote::identifier(&format!("{INNER_PREFIX}{}", c.name))))
+        .collect();
     Ok(match &occ.keying {
         Keying::Entity => {
             let entity = occ.columns.iter().find(|c| c.entity).map(|c| c.name.as_str()).unwrap_or_default();
             format!(
-                "SELECT {} FROM ({branches}) GROUP BY {}",
+                "SELECT {} FROM ({branches}) GROUP BY {}{group_keys}",
                 outputs.join(", "),
                 quote::identifier(&format!("{INNER_PREFIX}{entity}"))
             )
@@ -299,7 +306,7 @@ pub fn replacement(
                 join.joined_conjuncts.iter().map(|c| format!("({})", &text[c.clone()])).collect();
             let filter = if filters.is_empty() { String::new() } else { format!(" WHERE {}", filters.join(" AND ")) };
             format!(
-                "SELECT {} FROM ({branches}) AS {} {}{filter} GROUP BY {}",
+                "SELECT {} FROM ({branches}) AS {} {}{filter} GROUP BY {}{group_keys}",
                 outputs.join(", "),
                 quote::identifier(&join.source_name),
                 &text[join.joins.clone()],

@@ -85,6 +85,19 @@ pub struct Rule {
     pub predicates: Vec<Predicate>,
     /// Output columns other than the entity key.
     pub columns: Vec<ColumnRule>,
+    /// Per-row group keys a body may group by beside the entity.
+    pub keys: Vec<GroupKey>,
+}
+
+/// A per-row group key beside the entity (PostHog's data-warehouse `exposure_identifier`): a
+/// composite key splits by time exactly, so its value is stored per window and grouped by again
+/// when the windows are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupKey {
+    /// Output alias in the query, and stored column name.
+    pub name: String,
+    /// ClickHouse type of the stored column.
+    pub stored_type: String,
 }
 
 /// The source table of a rule.
@@ -242,6 +255,11 @@ impl Rule {
     pub fn column(&self, name: &str) -> Option<&ColumnRule> {
         self.columns.iter().find(|c| c.name == name)
     }
+
+    /// The group key named `name`.
+    pub fn key(&self, name: &str) -> Option<&GroupKey> {
+        self.keys.iter().find(|k| k.name == name)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +276,16 @@ struct RuleFile {
     #[serde(default)]
     predicate: Vec<PredicateFile>,
     column: Vec<ColumnFile>,
+    #[serde(default)]
+    key: Vec<KeyFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    name: String,
+    #[serde(rename = "type")]
+    stored_type: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -447,6 +475,23 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
         }
     }
 
+    let mut keys: Vec<GroupKey> = Vec::new();
+    for (i, k) in raw.key.iter().enumerate() {
+        identifier(&k.name).map_err(|m| err(&format!("key[{i}].name"), m))?;
+        let reserved = ["team_id", "job_id", "computed_at", "expires_at", raw.target.entity.as_str()];
+        let taken = reserved.contains(&k.name.as_str())
+            || column_names.contains(k.name.as_str())
+            || s.identity_columns.iter().any(|c| c.name == k.name)
+            || keys.iter().any(|seen| seen.name == k.name);
+        if taken {
+            return Err(err(&format!("key[{i}].name"), format!("`{}` names another stored column", k.name)));
+        }
+        if k.stored_type.trim().is_empty() {
+            return Err(err(&format!("key[{i}].type"), "is empty".into()));
+        }
+        keys.push(GroupKey { name: k.name.clone(), stored_type: k.stored_type.clone() });
+    }
+
     Ok(Rule {
         name: raw.name,
         version: raw.version,
@@ -467,6 +512,7 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
         target: TargetTable { table: raw.target.table, entity: raw.target.entity },
         predicates,
         columns,
+        keys,
     })
 }
 

@@ -140,6 +140,7 @@ pub fn forms(team: i64, flag: &str) -> Vec<Form> {
         shape_form("exposures over time, first exposure day", "exposures_timeseries_", 1, team, flag),
         shape_form("mean metric with a breakdown, CTE", "mean_metric_breakdown_", 1, team, flag),
         shape_form("exposures over time, custom exposure", "exposures_custom_", 1, team, flag),
+        shape_form("data warehouse, exposure identifier key", "data_warehouse_", 1, team, flag),
     ]
 }
 
