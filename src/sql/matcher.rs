@@ -1029,6 +1029,25 @@ mod tests {
     }
 
     #[test]
+    fn a_group_key_beside_the_entity_is_stored_and_grouped_by() {
+        let keyed = SEED
+            .replace(" FROM events", ", lower(distinct_id) AS exposure_identifier FROM events")
+            .replace("GROUP BY person_id", "GROUP BY lower(distinct_id), person_id");
+        let o = first(&keyed).unwrap();
+        let key = o.columns.iter().find(|c| c.name == "exposure_identifier").unwrap();
+        assert!(key.group_key && key.stored && !key.entity && key.merge.is_none());
+        assert!(o.stored_columns().contains(&"exposure_identifier"));
+        // Not in the GROUP BY (an aggregate could hide under the key's name): refused.
+        let by_alias =
+            keyed.replace("GROUP BY lower(distinct_id), person_id", "GROUP BY person_id, exposure_identifier");
+        assert!(first(&by_alias).is_ok());
+        let ungrouped = keyed.replace("GROUP BY lower(distinct_id), person_id", "GROUP BY person_id");
+        assert_eq!(first(&ungrouped).map(|_| ()), Err(Reason::UnsupportedGroupBy));
+        let aggregate = ungrouped.replace("lower(distinct_id) AS", "max(timestamp) AS");
+        assert_eq!(first(&aggregate).map(|_| ()), Err(Reason::UnsupportedGroupBy));
+    }
+
+    #[test]
     fn refusals_have_reasons() {
         let cases = [
             (SEED.replace(" GROUP BY person_id", " GROUP BY person_id LIMIT 5"), Reason::UnsupportedClause),

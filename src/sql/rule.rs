@@ -371,22 +371,6 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
     for (i, table) in s.mutation_tables.iter().enumerate() {
         identifier(table).map_err(|m| err(&format!("source.mutation_tables[{i}]"), m))?;
     }
-    let mut identity_columns: Vec<IdentityColumn> = Vec::new();
-    for (i, c) in s.identity_columns.iter().enumerate() {
-        let field = format!("source.identity_columns[{i}]");
-        identifier(&c.name).map_err(|m| err(&format!("{field}.name"), m))?;
-        let reserved = ["team_id", "job_id", "computed_at", "expires_at", raw.target.entity.as_str()];
-        let taken = reserved.contains(&c.name.as_str())
-            || raw.column.iter().any(|column| column.name == c.name)
-            || identity_columns.iter().any(|seen| seen.name == c.name);
-        if taken {
-            return Err(err(&format!("{field}.name"), format!("`{}` names another stored column", c.name)));
-        }
-        if c.stored_type.trim().is_empty() {
-            return Err(err(&format!("{field}.type"), "is empty".into()));
-        }
-        identity_columns.push(IdentityColumn { name: c.name.clone(), stored_type: c.stored_type.clone() });
-    }
     let mutation_tables = if s.mutation_tables.is_empty() { vec![s.table.clone()] } else { s.mutation_tables.clone() };
     let time_column_timezone: chrono_tz::Tz = s
         .time_column_timezone
@@ -475,20 +459,31 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
         }
     }
 
-    let mut keys: Vec<GroupKey> = Vec::new();
+    // Identity columns and group keys are table columns beside the fixed ones and the rule's
+    // columns: each needs a plain name no other stored column has, and a type.
+    let mut taken: HashSet<String> = ["team_id", "job_id", "computed_at", "expires_at", raw.target.entity.as_str()]
+        .iter()
+        .map(|n| n.to_string())
+        .chain(column_names.iter().map(|n| n.to_string()))
+        .collect();
+    let mut stored_column = |field: String, name: &str, stored_type: &str| -> Result<(), RuleError> {
+        identifier(name).map_err(|m| err(&format!("{field}.name"), m))?;
+        if !taken.insert(name.to_string()) {
+            return Err(err(&format!("{field}.name"), format!("`{name}` names another stored column")));
+        }
+        if stored_type.trim().is_empty() {
+            return Err(err(&format!("{field}.type"), "is empty".into()));
+        }
+        Ok(())
+    };
+    let mut identity_columns = Vec::new();
+    for (i, c) in s.identity_columns.iter().enumerate() {
+        stored_column(format!("source.identity_columns[{i}]"), &c.name, &c.stored_type)?;
+        identity_columns.push(IdentityColumn { name: c.name.clone(), stored_type: c.stored_type.clone() });
+    }
+    let mut keys = Vec::new();
     for (i, k) in raw.key.iter().enumerate() {
-        identifier(&k.name).map_err(|m| err(&format!("key[{i}].name"), m))?;
-        let reserved = ["team_id", "job_id", "computed_at", "expires_at", raw.target.entity.as_str()];
-        let taken = reserved.contains(&k.name.as_str())
-            || column_names.contains(k.name.as_str())
-            || s.identity_columns.iter().any(|c| c.name == k.name)
-            || keys.iter().any(|seen| seen.name == k.name);
-        if taken {
-            return Err(err(&format!("key[{i}].name"), format!("`{}` names another stored column", k.name)));
-        }
-        if k.stored_type.trim().is_empty() {
-            return Err(err(&format!("key[{i}].type"), "is empty".into()));
-        }
+        stored_column(format!("key[{i}]"), &k.name, &k.stored_type)?;
         keys.push(GroupKey { name: k.name.clone(), stored_type: k.stored_type.clone() });
     }
 
@@ -622,6 +617,9 @@ mod tests {
         let identity = "team_column = \"team_id\"\n identity_columns = [{ name = \"uuid\", type = \"UUID\" }]";
         let e = error_of(&MINIMAL.replace("team_column = \"team_id\"", identity));
         assert!(e.contains("source.identity_columns[0].name") && e.contains("another stored column"), "{e}");
+        let key = format!("{MINIMAL}\n[[key]]\nname = \"first\"\ntype = \"String\"\n");
+        let e = error_of(&key);
+        assert!(e.contains("key[0].name") && e.contains("another stored column"), "{e}");
         let e = error_of(&MINIMAL.replace("prefilter", "prefiltre"));
         assert!(e.contains("bad.toml") && e.contains("prefiltre"), "{e}");
     }
