@@ -97,18 +97,34 @@ pub struct BoundCut {
 pub struct OutputColumn {
     /// Output alias (and stored column name).
     pub name: String,
-    /// Whether this is the entity key.
-    pub entity: bool,
+    /// What the column is to the rewrite.
+    pub role: Role,
     /// Byte range of the whole item (`expr AS alias`).
     pub item: Range<usize>,
-    /// Re-aggregation over inner stored columns (`None` for the entity key).
+    /// Re-aggregation over inner stored columns (`None` for the entity and group keys).
     pub merge: Option<String>,
-    /// Whether the column is stored under its name; an output computed after the merge from
-    /// other stored columns (`min(t) AS day`) is not, and builds leave it out.
-    pub stored: bool,
-    /// Whether this is a per-row group key beside the entity (one of the rule's keys): stored,
-    /// and grouped by again at read time.
-    pub group_key: bool,
+}
+
+/// What a projected column is to the rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Role {
+    /// The entity key.
+    Entity,
+    /// A per-row group key beside the entity (one of the rule's keys): stored, and grouped by
+    /// again at read time.
+    GroupKey,
+    /// A rule column under its own name: stored per window, merged at read time.
+    Merged,
+    /// An output computed after the merge from other stored columns (`min(t) AS day`): never
+    /// stored, and builds leave it out.
+    Output,
+}
+
+impl OutputColumn {
+    /// Whether the column is stored under its name.
+    pub fn is_stored(&self) -> bool {
+        self.role != Role::Output
+    }
 }
 
 /// A stored column a merge needs that the query does not project.
@@ -200,9 +216,11 @@ impl Occurrence {
     /// columns.
     pub fn stored_columns(&self) -> Vec<&str> {
         let mut stored = Vec::new();
-        for column in self.columns.iter().filter(|c| c.stored) {
+        for column in self.columns.iter().filter(|c| c.is_stored()) {
             match &self.keying {
-                Keying::Identity(join) if column.entity => stored.extend(join.columns.iter().map(String::as_str)),
+                Keying::Identity(join) if column.role == Role::Entity => {
+                    stored.extend(join.columns.iter().map(String::as_str))
+                }
                 _ => stored.push(column.name.as_str()),
             }
         }
@@ -254,12 +272,12 @@ pub fn match_candidate(
         let item_bytes = tokens.byte_span(tokens_range.clone());
         if alias.value == rule.target.entity {
             entity_expr = Some(expr);
-            matched.push((alias.value.clone(), item_bytes, None));
+            matched.push((alias.value.clone(), item_bytes, Role::Entity, None));
             continue;
         }
         if rule.key(&alias.value).is_some() {
             key_exprs.push((alias.value.as_str(), expr));
-            matched.push((alias.value.clone(), item_bytes, None));
+            matched.push((alias.value.clone(), item_bytes, Role::GroupKey, None));
             continue;
         }
         // A rule column under its own name is stored; any other item is an output over stored
@@ -267,16 +285,16 @@ pub fn match_candidate(
         let own_column = rule.column(&alias.value);
         let stored = own_column.and_then(|column| first_match(&column.forms, &matcher, expr, &mut bindings));
         let form = match stored {
-            Some(form) => Some((form, true)),
+            Some(form) => Some((Role::Merged, form)),
             None => first_match(rule.columns.iter().flat_map(|c| &c.outputs), &matcher, expr, &mut bindings)
                 .or_else(|| {
                     let forms = rule.columns.iter().flat_map(|c| &c.forms);
                     own_column.is_none().then(|| first_match(forms, &matcher, expr, &mut bindings)).flatten()
                 })
-                .map(|form| (form, false)),
+                .map(|form| (Role::Output, form)),
         };
-        let (form, stored) = form.ok_or(Reason::UnknownAggregate)?;
-        matched.push((alias.value.clone(), item_bytes, Some((form, stored))));
+        let (role, form) = form.ok_or(Reason::UnknownAggregate)?;
+        matched.push((alias.value.clone(), item_bytes, role, Some(form)));
     }
     let entity_expr = entity_expr.ok_or(Reason::UnsupportedGroupBy)?;
     let entity_key = check_group_by(select, (&rule.target.entity, entity_expr), &key_exprs, &matcher)?;
@@ -331,11 +349,8 @@ pub fn match_candidate(
     }
 
     // Merges and the stored columns they need.
-    let projected: HashSet<String> = matched
-        .iter()
-        .filter(|(_, _, form)| form.is_none_or(|(_, stored)| stored))
-        .map(|(name, _, _)| name.clone())
-        .collect();
+    let projected: HashSet<String> =
+        matched.iter().filter(|(_, _, role, _)| *role != Role::Output).map(|(name, ..)| name.clone()).collect();
     let rule_columns: HashSet<&str> = rule.columns.iter().map(|c| c.name.as_str()).collect();
     let bound_text = |name: &str| -> Option<String> {
         let expr = bindings.get(name)?;
@@ -344,12 +359,10 @@ pub fn match_candidate(
     let inner = |column: &str| rule_columns.contains(column).then(|| format!("{INNER_PREFIX}{column}"));
     let mut columns = Vec::new();
     let mut needed = Vec::new();
-    for (name, item, form) in matched {
-        let stored = form.is_none_or(|(_, stored)| stored);
-        let group_key = rule.key(&name).is_some();
+    for (name, item, role, form) in matched {
         let merge = match form {
             None => None,
-            Some((form, _)) => {
+            Some(form) => {
                 let merge = form.merge.render(bound_text, inner).ok_or(Reason::Unlocatable)?;
                 form.merge.render(
                     |_| Some(String::new()),
@@ -364,7 +377,7 @@ pub fn match_candidate(
                 Some(merge)
             }
         };
-        columns.push(OutputColumn { entity: merge.is_none() && !group_key, name, item, merge, stored, group_key });
+        columns.push(OutputColumn { name, role, item, merge });
     }
     let mut derived = Vec::new();
     for name in needed {
@@ -533,7 +546,8 @@ impl JoinedBody<'_> {
     fn reads(&self, e: &Expr) -> Reads {
         match self.scope.resolve(e) {
             Some(Column::Source(_)) => Reads::Source,
-            Some(Column::Other(name)) if name == self.rule.target.entity || name.contains('.') => Reads::AtReadTime,
+            Some(Column::Joined { .. }) => Reads::AtReadTime,
+            Some(Column::Alias(name)) if name == self.rule.target.entity => Reads::AtReadTime,
             _ => Reads::Unknown,
         }
     }
@@ -1018,7 +1032,7 @@ mod tests {
             .replace("max(timestamp) AS", "toDateOrNull(toString(min(timestamp))) AS day, max(timestamp) AS");
         let o = first(&sql).unwrap();
         let outputs: Vec<(&str, bool, Option<&str>)> =
-            o.columns.iter().map(|c| (c.name.as_str(), c.stored, c.merge.as_deref())).collect();
+            o.columns.iter().map(|c| (c.name.as_str(), c.is_stored(), c.merge.as_deref())).collect();
         assert!(outputs.contains(&("first_seen", false, Some("min(__preagg_first_exposure_time)"))), "{outputs:?}");
         assert!(outputs.contains(&("day", false, Some("toDateOrNull(toString(min(__preagg_first_exposure_time)))"))));
         assert_eq!(o.derived, [DerivedColumn { name: "first_exposure_time".into(), expr: "min(timestamp)".into() }]);
@@ -1035,7 +1049,7 @@ mod tests {
             .replace("GROUP BY person_id", "GROUP BY lower(distinct_id), person_id");
         let o = first(&keyed).unwrap();
         let key = o.columns.iter().find(|c| c.name == "exposure_identifier").unwrap();
-        assert!(key.group_key && key.stored && !key.entity && key.merge.is_none());
+        assert!(key.role == Role::GroupKey && key.is_stored() && key.merge.is_none());
         assert!(o.stored_columns().contains(&"exposure_identifier"));
         // Not in the GROUP BY (an aggregate could hide under the key's name): refused.
         let by_alias =

@@ -15,8 +15,15 @@ use sqlparser::ast::{Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgum
 pub enum Column {
     /// A column of the source table.
     Source(String),
-    /// Something else (a joined relation's column, or a SELECT alias).
-    Other(String),
+    /// A column of a joined relation.
+    Joined {
+        /// The relation's name.
+        relation: String,
+        /// The column.
+        column: String,
+    },
+    /// A SELECT alias.
+    Alias(String),
 }
 
 /// The names visible in a body: the source table (and its alias), joined relations with the
@@ -39,7 +46,7 @@ impl Scope {
         match e {
             Expr::Identifier(id) => {
                 if self.aliases.contains(&id.value) {
-                    return Some(Column::Other(id.value.clone()));
+                    return Some(Column::Alias(id.value.clone()));
                 }
                 let maybe_joined =
                     self.joined.iter().any(|(_, cols)| cols.as_ref().is_none_or(|c| c.contains(&id.value)));
@@ -50,7 +57,7 @@ impl Scope {
                 if self.source_names.contains(qualifier) {
                     Some(Column::Source(name.clone()))
                 } else if self.joined.iter().any(|(j, _)| j == qualifier) {
-                    Some(Column::Other(format!("{qualifier}.{name}")))
+                    Some(Column::Joined { relation: qualifier.clone(), column: name.clone() })
                 } else {
                     None
                 }

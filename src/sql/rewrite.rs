@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use super::matcher::{INNER_PREFIX, IdentityJoin, Keying, Occurrence};
+use super::matcher::{INNER_PREFIX, IdentityJoin, Keying, Occurrence, OutputColumn, Role};
 use super::quote;
 use super::splice::{self, Edit, SpliceError};
 use super::window::{Edge, RawRange, ReadyJob, Window};
@@ -47,7 +47,7 @@ fn edited_body(text: &str, occ: &Occurrence, edit: &BodyEdit) -> Result<String, 
     let local = |r: &Range<usize>| r.start - body.start..r.end - body.start;
     let mut edits = Vec::new();
     if let Keying::Identity(join) = &occ.keying {
-        let entity = occ.columns.iter().find(|c| c.entity).ok_or(SpliceError::OutOfBounds(0..0))?;
+        let entity = occ.columns.iter().find(|c| c.role == Role::Entity).ok_or(SpliceError::OutOfBounds(0..0))?;
         let keys = identity_keys(join);
         let items: Vec<String> =
             keys.iter().zip(&join.columns).map(|(key, name)| format!("{key} AS {}", quote::identifier(name))).collect();
@@ -82,13 +82,13 @@ fn edited_body(text: &str, occ: &Occurrence, edit: &BodyEdit) -> Result<String, 
 /// of the body, each with the comma that separates it from the kept items.
 fn unstored_items(occ: &Occurrence) -> Vec<Range<usize>> {
     let items = &occ.columns;
-    let Some(first_kept) = items.iter().position(|c| c.stored) else { return Vec::new() };
+    let Some(first_kept) = items.iter().position(OutputColumn::is_stored) else { return Vec::new() };
     let mut cuts = Vec::new();
     if first_kept > 0 {
         cuts.push(items[0].item.start..items[first_kept].item.start);
     }
     for k in first_kept + 1..items.len() {
-        if !items[k].stored {
+        if !items[k].is_stored() {
             cuts.push(items[k - 1].item.end..items[k].item.end);
         }
     }
@@ -276,7 +276,7 @@ pub fn replacement(
         .map(|c| {
             let value = match (&c.merge, &occ.keying) {
                 (Some(merge), _) => merge.clone(),
-                (None, Keying::Identity(join)) if c.entity => join.entity_expr.clone(),
+                (None, Keying::Identity(join)) if c.role == Role::Entity => join.entity_expr.clone(),
                 (None, _) => quote::identifier(&format!("{INNER_PREFIX}{}", c.name)),
             };
             format!("{value} AS {}", quote::identifier(&c.name))
@@ -287,12 +287,13 @@ pub fn replacement(
     let group_keys: String = occ
         .columns
         .iter()
-        .filter(|c| c.group_key)
+        .filter(|c| c.role == Role::GroupKey)
         .map(|c| format!(", {}", quote::identifier(&format!("{INNER_PREFIX}{}", c.name))))
         .collect();
     Ok(match &occ.keying {
         Keying::Entity => {
-            let entity = occ.columns.iter().find(|c| c.entity).map(|c| c.name.as_str()).unwrap_or_default();
+            let entity =
+                occ.columns.iter().find(|c| c.role == Role::Entity).map(|c| c.name.as_str()).unwrap_or_default();
             format!(
                 "SELECT {} FROM ({branches}) GROUP BY {}{group_keys}",
                 outputs.join(", "),

@@ -443,13 +443,13 @@ pub fn parse_rule(text: &str, file: &Path) -> Result<Rule, RuleError> {
         columns.push(ColumnRule { name: c.name.clone(), stored_type: c.stored_type.clone(), derive, forms, outputs });
     }
     for (i, c) in columns.iter().enumerate() {
-        for form in c.forms.iter().chain(&c.outputs) {
+        // A form stores its own column; an output stores none, so every column it reads must be
+        // derivable.
+        let forms = c.forms.iter().map(|f| (f, Some(&c.name)));
+        for (form, own) in forms.chain(c.outputs.iter().map(|f| (f, None))) {
             for needed in merge_columns(&form.merge, &column_names) {
                 let target = columns.iter().find(|x| x.name == needed);
-                // A form stores its own column; an output stores none, so every column it reads
-                // must be derivable.
-                let own = needed == c.name && c.forms.iter().any(|f| std::ptr::eq(f, form));
-                if !own && target.is_some_and(|t| t.derive.is_none()) {
+                if own != Some(&needed) && target.is_some_and(|t| t.derive.is_none()) {
                     return Err(err(
                         &format!("column[{i}].forms"),
                         format!("merge reads `{needed}`, which has no `derive` for queries that do not project it"),
