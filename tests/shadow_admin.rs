@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::equivalence::{Answer, exec, forms, run, same_rows};
+use common::equivalence::{Answer, exec, form, forms, run, same_rows};
 use common::{ChServer, ProxyProcess, client, metric, proxy_binary, read_until, root};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -263,7 +263,7 @@ async fn a_tampered_preaggregated_row_is_reported_as_a_mismatch_with_a_sample() 
 async fn noise_is_measured_and_not_blamed_on_the_rewrite() {
     // An outer query that is not deterministic (rand() over the exposures): the original disagrees
     // with itself, so a difference from the rewrite is noise, not a mismatch.
-    let sql = forms(TEAM, FLAG).remove(7).query(LO, HI).replacen(
+    let sql = form(TEAM, FLAG, "infix").query(LO, HI).replacen(
         "SELECT variant, count() AS persons,",
         "SELECT variant, count() + rand() % 1000 AS persons,",
         1,

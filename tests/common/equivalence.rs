@@ -136,12 +136,16 @@ pub fn forms(team: i64, flag: &str) -> Vec<Form> {
             occurrences: 1,
         },
         Form { name: "infix, exclusive lower, inclusive upper".into(), template: exclusive_infix, occurrences: 1 },
-        // Later shapes at the end: tests pick earlier forms by position.
         shape_form("exposures over time, first exposure day", "exposures_timeseries_", 1, team, flag),
         shape_form("mean metric with a breakdown, CTE", "mean_metric_breakdown_", 1, team, flag),
         shape_form("exposures over time, custom exposure", "exposures_custom_", 1, team, flag),
         shape_form("data warehouse, exposure identifier key", "data_warehouse_", 1, team, flag),
     ]
+}
+
+/// The form whose name starts with `name`.
+pub fn form(team: i64, flag: &str, name: &str) -> Form {
+    forms(team, flag).into_iter().find(|f| f.name.starts_with(name)).unwrap_or_else(|| panic!("no form {name}"))
 }
 
 /// Rows that sit exactly on the bounds and one microsecond either side, persons seen in two
